@@ -1,0 +1,12 @@
+//! raftwasm: a Raft-replicated state machine host whose logic is a
+//! WebAssembly guest.
+//!
+//! # Layout
+//! - [`runtime`]: the wasmtime guest runtime (load, validate, cache, apply).
+//! - [`raft`]: openraft types, sled storage, the peer transport.
+//!
+//! The write path:
+//! `/set -> batcher -> Raft::client_write -> replicate -> commit -> StateMachine::apply -> guest apply -> sled batch`.
+
+pub mod raft;
+pub mod runtime;

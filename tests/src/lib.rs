@@ -1,0 +1,80 @@
+//! Shared helpers for raftwasm's tests: the test guests, a single-replica
+//! runtime harness and, for the cluster tests, the `TestCluster` harness.
+
+use std::sync::Arc;
+
+use guest_kv::command::{Command, Response};
+use raftwasm::runtime::{
+    Context, GuestInstance, GuestModule, GuestRuntime, Limits, MemoryState, Outcome,
+};
+
+/// The misbehaving test guest (see `guests/chaos`).
+pub static CHAOS_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_chaos.wasm"));
+
+/// A runtime with the default limits and no compile cache.
+pub fn runtime() -> GuestRuntime {
+    GuestRuntime::new(Limits::default(), None).expect("the wasm engine starts")
+}
+
+/// One replica's state machine without Raft: a guest instance over an
+/// in-memory state, committing each successful command's writes.
+#[derive(Debug)]
+pub struct Replica {
+    pub state: Arc<MemoryState>,
+    pub instance: GuestInstance,
+    pub index: u64,
+}
+
+impl Replica {
+    /// A replica of `module` on empty state.
+    pub fn new(module: &GuestModule) -> Self {
+        let state = Arc::new(MemoryState::default());
+        let instance = module.instantiate(state.clone());
+        Self {
+            state,
+            instance,
+            index: 0,
+        }
+    }
+
+    /// Applies `command` as the only command of the next entry, at `time_ms`,
+    /// and commits its writes.
+    pub fn apply(&mut self, time_ms: u64, command: &[u8]) -> Outcome {
+        self.index += 1;
+        let ctx = Context {
+            index: self.index,
+            position: 0,
+            time_ms,
+        };
+        let outcome = self.instance.apply(ctx, command).expect("no host fault");
+        self.state.commit(self.instance.take_writes());
+        outcome
+    }
+
+    /// Applies a `guest-kv` command and decodes the response.
+    ///
+    /// # Panics
+    /// When the guest refuses the command.
+    pub fn kv(&mut self, time_ms: u64, command: Command<'_>) -> Response {
+        let outcome = self.apply(time_ms, &command.encode());
+        let bytes = outcome
+            .result
+            .unwrap_or_else(|e| panic!("{command:?} was refused: {e}"));
+        Response::decode(&bytes).expect("a well-formed response")
+    }
+
+    /// Queries `guest-kv` for `key` at `time_ms`.
+    pub fn get(&mut self, time_ms: u64, key: &[u8]) -> Option<Vec<u8>> {
+        let ctx = Context {
+            index: self.index,
+            position: 0,
+            time_ms,
+        };
+        let request = Command::Get { key }.encode();
+        let outcome = self.instance.query(ctx, &request).expect("no host fault");
+        match Response::decode(&outcome.result.expect("the query succeeds")) {
+            Ok(Response::Value(value)) => value,
+            other => panic!("unexpected query answer {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The Raft side of a node: openraft's type configuration, the log payload
+//! and its response, and the storage and network that openraft drives.
+//!
+//! # Layout
+//! - [`log_store`]: `LogStore`, the Raft log, vote and committed id on sled.
+//! - [`state_machine`]: `StateMachineStore`, applies entries through the guest.
+//! - [`network`]: `NetworkFactory`, the peer client over long-lived TCP
+//!   connections; [`peer_server`] answers it on the `--raft` port.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+pub mod log_store;
+pub mod network;
+pub mod peer_server;
+
+/// A node's id: chosen on first boot and persisted in its data dir.
+pub type NodeId = u64;
+
+/// The addresses of a member, as stored in the membership config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The client HTTP address (`--http`), `host:port`.
+    pub api_addr: String,
+    /// The peer address (`--raft`), `host:port`.
+    pub raft_addr: String,
+}
+
+/// The payload of one normal log entry: a batch of operations proposed
+/// together, stamped with the leader's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The leader's wall clock when it proposed the entry, in milliseconds
+    /// since the Unix epoch. The state machine never lets it go backwards.
+    pub time_ms: u64,
+    /// The operations, applied in order.
+    pub ops: Vec<Op>,
+}
+
+/// One replicated operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// A guest command: its bytes go to the active guest's `apply`.
+    Apply(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// The outcome of one [`Op`]: the guest's response bytes, or its error
+/// message. Both are deterministic: every replica computes the same one.
+pub type OpResult = Result<Vec<u8>, String>;
+
+/// The state machine's answer to one log entry: one result per [`Op`], in
+/// order (empty for blank and membership entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// One result per operation of the entry.
+    pub results: Vec<OpResult>,
+}
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for raftwasm.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// The openraft handle of a node.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Shorthands for openraft's generic types, specialised to [`TypeConfig`].
+pub mod typ {
+    use super::{NodeId, NodeInfo, TypeConfig};
+
+    pub type Entry = openraft::Entry<TypeConfig>;
+    pub type LogId = openraft::LogId<NodeId>;
+    pub type Vote = openraft::Vote<NodeId>;
+    pub type StorageError = openraft::StorageError<NodeId>;
+    pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+    pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
+    pub type Snapshot = openraft::Snapshot<TypeConfig>;
+    pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+    pub type RpcError<E = openraft::error::Infallible> =
+        openraft::error::RPCError<NodeId, NodeInfo, RaftError<E>>;
+    pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, NodeInfo>;
+    pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<NodeId, NodeInfo>;
+    pub type ForwardToLeader = openraft::error::ForwardToLeader<NodeId, NodeInfo>;
+}

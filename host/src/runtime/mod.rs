@@ -1,0 +1,599 @@
+//! The guest runtime: loads, validates and caches WebAssembly guests, and
+//! runs their `apply`, `query` and `migrate` deterministically.
+//!
+//! - One [`GuestRuntime`] per process owns the wasmtime engine, configured the
+//!   same on every node: fuel, NaN canonicalisation, deterministic relaxed
+//!   SIMD, no threads, a memory and a stack limit.
+//! - [`GuestRuntime::load`] turns module bytes into a validated
+//!   [`GuestModule`] (compiled once, cached on disk).
+//! - A [`GuestInstance`] runs calls against a write overlay; the caller
+//!   commits the overlay only when the whole batch is done.
+
+mod bindings;
+mod cache;
+mod state;
+
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
+
+pub use bindings::{Context, GuestInfo, MAX_SCAN_LIMIT};
+use bindings::{HostState, StateMachine, StateMachinePre};
+pub use cache::CompileCache;
+pub use state::{MemoryState, Overlay, StateRead};
+
+/// The bundled `guest-kv` module, built from source with the host.
+pub static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_kv.wasm"));
+
+/// The WIT package every guest is built against.
+pub const WIT_PACKAGE: &str = "raftwasm:state-machine@0.1.0";
+
+/// The interfaces a guest may import; anything else is refused.
+const ALLOWED_IMPORTS: [&str; 3] = [
+    "raftwasm:state-machine/types@0.1.0",
+    "raftwasm:state-machine/store@0.1.0",
+    "raftwasm:state-machine/log@0.1.0",
+];
+
+/// The export that carries the optional migration hook.
+const MIGRATION_INTERFACE: &str = "raftwasm:state-machine/migration@0.1.0";
+
+/// Limits that bound every guest call. They are part of the cluster's
+/// deterministic behaviour: every node must use the same values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) for one `apply` or `query`.
+    pub fuel_per_call: u64,
+    /// Fuel for one `migrate`.
+    pub fuel_per_migration: u64,
+    /// The most linear memory an instance may have, in bytes.
+    pub memory_bytes: usize,
+    /// The most native stack a guest call may use, in bytes.
+    pub stack_bytes: usize,
+    /// The largest module accepted, in bytes.
+    pub module_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            fuel_per_call: 10_000_000,
+            fuel_per_migration: 1_000_000_000,
+            memory_bytes: 64 << 20,
+            stack_bytes: 512 << 10,
+            module_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Why a module cannot be used as a guest. Each is a property of the module
+/// bytes, so every node reaches the same verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// More bytes than [`Limits::module_bytes`].
+    #[error("the module is {size} bytes; the limit is {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// Not a WebAssembly module or component at all.
+    #[error("not a WebAssembly module or component (no `\\0asm` header)")]
+    NotWasm,
+    /// Malformed WebAssembly, or a feature the engine refuses.
+    #[error("the module is not valid WebAssembly: {0}")]
+    Invalid(String),
+    /// Imports something outside the world.
+    #[error(
+        "the module imports `{0}`, which raftwasm does not provide; a guest may import only the {WIT_PACKAGE} interfaces (no WASI, no clocks, no randomness)"
+    )]
+    ForbiddenImport(String),
+    /// Does not export what the world requires, or with other types.
+    #[error("the module does not implement the {WIT_PACKAGE} world: {0}")]
+    WrongWorld(String),
+    /// `info` failed or returned something unusable.
+    #[error("the guest's `info` is unusable: {0}")]
+    BadInfo(String),
+}
+
+/// A failure of the host, not of the guest: never turned into a command
+/// result. The node must stop applying and let an operator look.
+#[derive(Debug, thiserror::Error)]
+#[error("host fault while running the guest: {0}")]
+pub struct HostFault(pub String);
+
+/// The outcome of one guest call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The guest's response, or a deterministic error message (the guest's
+    /// own `err`, a trap, or running out of fuel).
+    pub result: Result<Vec<u8>, String>,
+    /// Fuel the call used.
+    pub fuel_used: u64,
+}
+
+/// The process-wide wasmtime engine and the guest import linker.
+#[derive(Clone)]
+pub struct GuestRuntime {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    limits: Limits,
+    cache: Option<CompileCache>,
+}
+
+impl std::fmt::Debug for GuestRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRuntime")
+            .field("limits", &self.limits)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestRuntime {
+    /// A runtime with `limits`, caching compiled guests in `cache_dir` when
+    /// one is given.
+    ///
+    /// # Errors
+    /// [`HostFault`] when the engine cannot be created on this machine.
+    pub fn new(limits: Limits, cache_dir: Option<std::path::PathBuf>) -> Result<Self, HostFault> {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(64)
+            .total_core_instances(256)
+            .total_memories(64)
+            .total_tables(256)
+            .max_memory_size(limits.memory_bytes);
+
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .cranelift_nan_canonicalization(true)
+            .wasm_relaxed_simd(true)
+            .relaxed_simd_deterministic(true)
+            .max_wasm_stack(limits.stack_bytes)
+            .wasm_component_model(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+
+        let engine = Engine::new(&config)
+            .map_err(|e| HostFault(format!("creating the wasm engine: {e}")))?;
+        let mut linker = Linker::new(&engine);
+        bindings::add_to_linker(&mut linker)
+            .map_err(|e| HostFault(format!("linking the guest imports: {e}")))?;
+        let cache = cache_dir.map(|dir| CompileCache::new(dir, &engine));
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            limits,
+            cache,
+        })
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Validates and compiles `wasm` (a core module built for the world, or a
+    /// component), using the compile cache when it holds the module.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming what is wrong with the module.
+    pub fn load(&self, wasm: &[u8]) -> Result<GuestModule, LoadError> {
+        if wasm.len() > self.limits.module_bytes {
+            return Err(LoadError::TooLarge {
+                size: wasm.len(),
+                limit: self.limits.module_bytes,
+            });
+        }
+        let is_core = wasmparser::Parser::is_core_wasm(wasm);
+        if !is_core && !wasmparser::Parser::is_component(wasm) {
+            return Err(LoadError::NotWasm);
+        }
+        let hash = hex::encode(Sha256::digest(wasm));
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.load(&self.engine, &hash));
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = self.compile(wasm, is_core)?;
+                if let Some(cache) = &self.cache
+                    && let Err(error) = cache.store(&hash, &component)
+                {
+                    tracing::warn!(%error, dir = %cache.dir().display(), "cannot cache the compiled guest");
+                }
+                component
+            }
+        };
+        GuestModule::new(self.clone(), component, hash)
+    }
+
+    fn compile(&self, wasm: &[u8], is_core: bool) -> Result<Component, LoadError> {
+        let component_bytes;
+        let bytes = if is_core {
+            component_bytes = componentize(wasm)?;
+            &component_bytes
+        } else {
+            wasm
+        };
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let ty = component.component_type();
+        for (name, _) in ty.imports(&self.engine) {
+            if !ALLOWED_IMPORTS.contains(&name) {
+                return Err(LoadError::ForbiddenImport(name.to_owned()));
+            }
+        }
+        Ok(component)
+    }
+}
+
+/// Wraps a core module built with wit-bindgen into a component, using the
+/// world description wit-bindgen embedded in it.
+fn componentize(wasm: &[u8]) -> Result<Vec<u8>, LoadError> {
+    // A core module's imports are checked first, so that a module importing
+    // (say) WASI is told so, not that its encoding failed.
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let payload = payload.map_err(|e| LoadError::Invalid(e.to_string()))?;
+        if let wasmparser::Payload::ImportSection(reader) = payload {
+            for import in reader.into_imports() {
+                let import = import.map_err(|e| LoadError::Invalid(e.to_string()))?;
+                let module = import.module;
+                let allowed = ALLOWED_IMPORTS.contains(&module) || module.starts_with("[export]");
+                if !allowed {
+                    return Err(LoadError::ForbiddenImport(format!(
+                        "{module}#{}",
+                        import.name
+                    )));
+                }
+            }
+        }
+    }
+    wit_component::ComponentEncoder::default()
+        .module(wasm)
+        .and_then(|encoder| encoder.validate(true).encode())
+        .map_err(|e| {
+            LoadError::WrongWorld(format!(
+                "cannot make a component of this core module: {e:#}"
+            ))
+        })
+}
+
+/// A validated, compiled guest, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct GuestModule {
+    runtime: GuestRuntime,
+    pre: StateMachinePre<HostState>,
+    hash: String,
+    info: GuestInfo,
+    version: semver::Version,
+    has_migrate: bool,
+}
+
+impl std::fmt::Debug for GuestModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestModule")
+            .field("hash", &self.hash)
+            .field("name", &self.info.name)
+            .field("version", &self.info.version)
+            .field("has_migrate", &self.has_migrate)
+            .finish()
+    }
+}
+
+impl GuestModule {
+    fn new(runtime: GuestRuntime, component: Component, hash: String) -> Result<Self, LoadError> {
+        let instance_pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre = StateMachinePre::new(instance_pre)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let has_migrate = component
+            .get_export_index(None, MIGRATION_INTERFACE)
+            .is_some();
+        let mut module = Self {
+            runtime,
+            pre,
+            hash,
+            info: GuestInfo {
+                name: String::new(),
+                version: String::new(),
+            },
+            version: semver::Version::new(0, 0, 0),
+            has_migrate,
+        };
+        let mut instance = module.instantiate(Arc::new(MemoryState::default()));
+        let info = instance.info().map_err(|e| LoadError::BadInfo(e.0))?;
+        if info.name.is_empty() {
+            return Err(LoadError::BadInfo("the name is empty".into()));
+        }
+        module.version = semver::Version::parse(&info.version).map_err(|e| {
+            LoadError::BadInfo(format!(
+                "version `{}` is not MAJOR.MINOR.PATCH: {e}",
+                info.version
+            ))
+        })?;
+        module.info = info;
+        Ok(module)
+    }
+
+    /// The SHA-256 of the module bytes, in hex.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The guest's version.
+    pub fn version(&self) -> &semver::Version {
+        &self.version
+    }
+
+    /// Whether the guest exports the migration hook.
+    pub fn has_migrate(&self) -> bool {
+        self.has_migrate
+    }
+
+    /// An instance that reads committed state from `base`. The wasm instance
+    /// itself is created on the first call.
+    pub fn instantiate(&self, base: Arc<dyn StateRead>) -> GuestInstance {
+        GuestInstance {
+            module: self.clone(),
+            base,
+            live: None,
+            batch: Overlay::new(),
+        }
+    }
+}
+
+/// One instance of a guest, with the overlay of writes its successful calls
+/// made since the last [`GuestInstance::take_writes`].
+///
+/// A call that fails (the guest's `err`, a trap, out of fuel) leaves no write
+/// behind. After a trap the wasm instance is thrown away and recreated on the
+/// next call; the guest keeps no state of its own, so nothing is lost.
+pub struct GuestInstance {
+    module: GuestModule,
+    base: Arc<dyn StateRead>,
+    live: Option<Live>,
+    /// The batch overlay while no store is live.
+    batch: Overlay,
+}
+
+impl std::fmt::Debug for GuestInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestInstance")
+            .field("module", &self.module)
+            .field("live", &self.live.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A wasm instance and the store it lives in.
+struct Live {
+    store: Store<HostState>,
+    guest: StateMachine,
+    instance: wasmtime::component::Instance,
+}
+
+enum Call<'a> {
+    Info,
+    Apply(Context, &'a [u8]),
+    Query(Context, &'a [u8]),
+    Migrate(Context, GuestInfo),
+}
+
+impl GuestInstance {
+    /// The module this instance runs.
+    pub fn module(&self) -> &GuestModule {
+        &self.module
+    }
+
+    /// Applies one command; its writes join the pending overlay if it
+    /// succeeds.
+    ///
+    /// # Errors
+    /// [`HostFault`] when the host failed (storage I/O, instantiation); the
+    /// command's outcome is then unknown and must not be recorded.
+    pub fn apply(&mut self, ctx: Context, command: &[u8]) -> Result<Outcome, HostFault> {
+        self.call(Call::Apply(ctx, command))
+    }
+
+    /// Answers a read-only query against the committed state and the pending
+    /// overlay; a write attempt makes it fail.
+    ///
+    /// # Errors
+    /// [`HostFault`] as for [`GuestInstance::apply`].
+    pub fn query(&mut self, ctx: Context, request: &[u8]) -> Result<Outcome, HostFault> {
+        self.call(Call::Query(ctx, request))
+    }
+
+    /// Runs the guest's migration hook under the migration fuel budget; a
+    /// guest without one succeeds at once.
+    ///
+    /// # Errors
+    /// [`HostFault`] as for [`GuestInstance::apply`].
+    pub fn migrate(&mut self, ctx: Context, previous: GuestInfo) -> Result<Outcome, HostFault> {
+        if !self.module.has_migrate {
+            return Ok(Outcome {
+                result: Ok(Vec::new()),
+                fuel_used: 0,
+            });
+        }
+        self.call(Call::Migrate(ctx, previous))
+    }
+
+    /// The guest's `info`.
+    ///
+    /// # Errors
+    /// [`HostFault`] with the reason when the call fails.
+    pub fn info(&mut self) -> Result<GuestInfo, HostFault> {
+        let mut info = None;
+        let outcome = self.call_with(Call::Info, &mut info)?;
+        outcome.result.map_err(HostFault)?;
+        info.ok_or_else(|| HostFault("info returned nothing".into()))
+    }
+
+    /// Takes the writes of every successful call since the last take, for
+    /// the caller to commit.
+    pub fn take_writes(&mut self) -> Overlay {
+        match &mut self.live {
+            Some(live) => std::mem::take(&mut live.store.data_mut().batch),
+            None => std::mem::take(&mut self.batch),
+        }
+    }
+
+    fn call(&mut self, call: Call<'_>) -> Result<Outcome, HostFault> {
+        self.call_with(call, &mut None)
+    }
+
+    fn call_with(
+        &mut self,
+        call: Call<'_>,
+        info: &mut Option<GuestInfo>,
+    ) -> Result<Outcome, HostFault> {
+        let limits = &self.module.runtime.limits;
+        let fuel = match call {
+            Call::Migrate(..) => limits.fuel_per_migration,
+            _ => limits.fuel_per_call,
+        };
+        let Live {
+            store,
+            guest,
+            instance,
+        } = self.live()?;
+        store.data_mut().read_only = matches!(call, Call::Query(..) | Call::Info);
+        store
+            .set_fuel(fuel)
+            .map_err(|e| HostFault(format!("setting fuel: {e}")))?;
+
+        let returned: wasmtime::Result<Result<Vec<u8>, String>> = match call {
+            Call::Apply(ctx, command) => guest.call_apply(&mut *store, ctx, command),
+            Call::Query(ctx, request) => guest.call_query(&mut *store, ctx, request),
+            Call::Info => guest.call_info(&mut *store).map(|i| {
+                *info = Some(i);
+                Ok(Vec::new())
+            }),
+            Call::Migrate(ctx, previous) => call_migrate(store, instance, ctx, previous),
+        };
+        let fuel_used = fuel - store.get_fuel().unwrap_or(0);
+        let state = store.data_mut();
+        let call_writes = std::mem::take(&mut state.call);
+        if let Some(fault) = state.fault.take() {
+            self.drop_instance();
+            return Err(HostFault(fault));
+        }
+        let result = match returned {
+            Ok(result) => result,
+            Err(error) => {
+                let violation = state.violation.take();
+                self.drop_instance();
+                Err(describe_failure(error, violation, fuel)?)
+            }
+        };
+        if result.is_ok()
+            && let Some(live) = &mut self.live
+        {
+            live.store.data_mut().batch.extend(call_writes);
+        }
+        Ok(Outcome { result, fuel_used })
+    }
+
+    /// The live store and guest, instantiating them if needed.
+    fn live(&mut self) -> Result<&mut Live, HostFault> {
+        if self.live.is_none() {
+            let limits = &self.module.runtime.limits;
+            let state = HostState {
+                base: self.base.clone(),
+                batch: std::mem::take(&mut self.batch),
+                call: Overlay::new(),
+                read_only: false,
+                fault: None,
+                violation: None,
+                limits: StoreLimitsBuilder::new()
+                    .memory_size(limits.memory_bytes)
+                    .instances(16)
+                    .memories(16)
+                    .tables(64)
+                    .build(),
+            };
+            let mut store = Store::new(&self.module.runtime.engine, state);
+            store.limiter(|s| &mut s.limits);
+            store
+                .set_fuel(limits.fuel_per_call)
+                .map_err(|e| HostFault(format!("setting fuel: {e}")))?;
+            let instantiate = |store: &mut Store<HostState>| -> wasmtime::Result<_> {
+                let instance = self.module.pre.instance_pre().instantiate(&mut *store)?;
+                let guest = StateMachine::new(&mut *store, &instance)?;
+                Ok((instance, guest))
+            };
+            let (instance, guest) = instantiate(&mut store).map_err(|e| {
+                HostFault(format!("instantiating guest {}: {e:#}", self.module.hash))
+            })?;
+            // The first export call of an instance runs one-time
+            // initialisation (such as static constructors). Doing it here,
+            // with a call whose result is discarded, makes every instance's
+            // first real call cost the same fuel as any later one.
+            guest.call_info(&mut store).map_err(|e| {
+                HostFault(format!("initialising guest {}: {e:#}", self.module.hash))
+            })?;
+            self.live = Some(Live {
+                store,
+                guest,
+                instance,
+            });
+        }
+        self.live
+            .as_mut()
+            .ok_or_else(|| HostFault("the guest instance vanished".into()))
+    }
+
+    fn drop_instance(&mut self) {
+        if let Some(mut live) = self.live.take() {
+            self.batch = std::mem::take(&mut live.store.data_mut().batch);
+        }
+    }
+}
+
+/// Calls the optional `migration.migrate` export, which the generated
+/// bindings of the base world do not cover.
+fn call_migrate(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::component::Instance,
+    ctx: Context,
+    previous: GuestInfo,
+) -> wasmtime::Result<Result<Vec<u8>, String>> {
+    let interface = instance
+        .get_export_index(&mut *store, None, MIGRATION_INTERFACE)
+        .ok_or_else(|| wasmtime::Error::msg("the guest has no migration interface"))?;
+    let func = instance
+        .get_export_index(&mut *store, Some(&interface), "migrate")
+        .ok_or_else(|| wasmtime::Error::msg("the migration interface has no `migrate`"))?;
+    let migrate = instance
+        .get_typed_func::<(Context, GuestInfo), (Result<(), String>,)>(&mut *store, &func)?;
+    let (result,) = migrate.call(&mut *store, (ctx, previous))?;
+    Ok(result.map(|()| Vec::new()))
+}
+
+/// Turns a failed call into its deterministic error message, or a host fault
+/// when the failure did not come from the guest.
+fn describe_failure(
+    error: wasmtime::Error,
+    violation: Option<String>,
+    fuel: u64,
+) -> Result<String, HostFault> {
+    if let Some(violation) = violation {
+        return Ok(violation);
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Ok(format!("the guest ran out of fuel (budget {fuel})")),
+        Some(trap) => Ok(format!(
+            "the guest trapped: {}",
+            trap.to_string().trim_start_matches("wasm trap: ")
+        )),
+        None => Err(HostFault(format!("{error:#}"))),
+    }
+}
