@@ -89,7 +89,10 @@ fn alloc_overflow(state: &mut State, layout: Layout) -> *mut u8 {
         state.overflow_end = top;
     }
     let start = align_up(state.overflow_next, layout.align());
-    let Some(end) = start.checked_add(layout.size()).filter(|&end| end < usize::MAX - PAGE) else {
+    let Some(end) = start
+        .checked_add(layout.size())
+        .filter(|&end| end < usize::MAX - PAGE)
+    else {
         return core::ptr::null_mut();
     };
     if end > state.overflow_end {

@@ -235,7 +235,10 @@ mod tests {
         };
         assert_eq!(run(&mut store, 1_000, set), Response::Done);
         let get = Command::Get { key: b"k" };
-        assert_eq!(run(&mut store, 1_099, get.clone()), Response::Value(Some(b"v".to_vec())));
+        assert_eq!(
+            run(&mut store, 1_099, get.clone()),
+            Response::Value(Some(b"v".to_vec()))
+        );
         assert_eq!(run(&mut store, 1_100, get), Response::Value(None));
         assert!(store.0.is_empty(), "sweep left {:?}", store.0);
     }
@@ -256,7 +259,10 @@ mod tests {
         };
         run(&mut store, 5, forever);
         let get = Command::Get { key: b"k" };
-        assert_eq!(run(&mut store, 1_000, get), Response::Value(Some(b"new".to_vec())));
+        assert_eq!(
+            run(&mut store, 1_000, get),
+            Response::Value(Some(b"new".to_vec()))
+        );
         assert_eq!(store.0.len(), 1, "the stale index entry is swept");
     }
 

@@ -25,7 +25,11 @@
 pub enum Command<'a> {
     /// Stores `value` under `key`; with `ttl_ms > 0` the key expires that many
     /// milliseconds after the entry's leader-stamped time.
-    Set { key: &'a [u8], value: &'a [u8], ttl_ms: u64 },
+    Set {
+        key: &'a [u8],
+        value: &'a [u8],
+        ttl_ms: u64,
+    },
     /// Reads `key`; answered with [`Response::Value`].
     Get { key: &'a [u8] },
     /// Removes `key`; answered with [`Response::Deleted`].
@@ -50,7 +54,10 @@ pub enum Response {
     /// A `Delete` ran; `true` if the key existed.
     Deleted(bool),
     /// A `CompareAndSet` ran; `current` is the value after the command.
-    Swapped { swapped: bool, current: Option<Vec<u8>> },
+    Swapped {
+        swapped: bool,
+        current: Option<Vec<u8>>,
+    },
 }
 
 /// Why a message could not be decoded.
