@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub mod log_store;
 pub mod network;
 pub mod peer_server;
+pub mod state_machine;
 
 /// A node's id: chosen on first boot and persisted in its data dir.
 pub type NodeId = u64;
@@ -43,6 +44,12 @@ pub struct Request {
 pub enum Op {
     /// A guest command: its bytes go to the active guest's `apply`.
     Apply(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Installs and activates a guest module from this entry on. The leader
+    /// validated it before proposing; the answer names the guest and index.
+    SetGuest {
+        #[serde(with = "serde_bytes")]
+        module: Vec<u8>,
+    },
 }
 
 /// The outcome of one [`Op`]: the guest's response bytes, or its error

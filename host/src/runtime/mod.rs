@@ -446,6 +446,16 @@ impl GuestInstance {
         }
     }
 
+    /// Puts back writes taken with [`GuestInstance::take_writes`] from
+    /// another instance, so they commit with this one's (used when a guest is
+    /// swapped in the middle of a batch).
+    pub fn restore_writes(&mut self, writes: Overlay) {
+        match &mut self.live {
+            Some(live) => live.store.data_mut().batch.extend(writes),
+            None => self.batch.extend(writes),
+        }
+    }
+
     fn call(&mut self, call: Call<'_>) -> Result<Outcome, HostFault> {
         self.call_with(call, &mut None)
     }

@@ -1,0 +1,525 @@
+//! `StateMachineStore`: applies committed entries through the active guest
+//! and keeps the host-owned state in the sled tree `state`.
+//!
+//! Tree layout (one tree, so that one `sled::Batch` is atomic):
+//! - `0x00` + name: host metadata — last applied log id, membership, the
+//!   last entry time, the active guest's hash and its module bytes;
+//! - `0x01` + key: the guest's keys.
+//!
+//! Each `apply` call runs every entry's operations through one guest
+//! instance, whose write overlay is committed together with last-applied and
+//! membership in a single sled batch: a crash never applies an entry twice or
+//! half. Snapshots copy the whole tree, so they carry the active guest too.
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+
+use super::{Op, OpResult, Request, Response, TypeConfig, typ};
+use crate::runtime::{
+    Context, GuestInstance, GuestModule, GuestRuntime, HostFault, Outcome, StateRead,
+};
+
+const GUEST: u8 = 0x01;
+const KEY_APPLIED: &[u8] = b"\0applied";
+const KEY_MEMBERSHIP: &[u8] = b"\0membership";
+const KEY_TIME: &[u8] = b"\0time";
+const KEY_GUEST_HASH: &[u8] = b"\0guest/hash";
+const KEY_GUEST_MODULE: &[u8] = b"\0guest/module";
+const KEY_GUEST_SINCE: &[u8] = b"\0guest/since";
+const KEY_SNAPSHOT: &[u8] = b"current";
+
+/// The guest keys of the state tree, as the runtime's [`StateRead`].
+#[derive(Debug, Clone)]
+pub struct SledState(sled::Tree);
+
+fn guest_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(GUEST);
+    k.extend_from_slice(key);
+    k
+}
+
+impl StateRead for SledState {
+    fn get(&self, key: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.0.get(guest_key(key))?.map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let start = guest_key(start);
+        let end = end.map_or_else(|| vec![GUEST + 1], guest_key);
+        self.0
+            .range(start..end)
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((k[1..].to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+}
+
+/// The guest that applies entries now, and a pool of instances for queries.
+#[derive(Debug)]
+pub struct ActiveGuest {
+    /// The compiled module.
+    pub module: GuestModule,
+    /// The log index of the entry that activated it.
+    pub since: u64,
+    queries: Mutex<Vec<GuestInstance>>,
+}
+
+/// How many idle query instances are kept per guest.
+const QUERY_POOL: usize = 16;
+
+/// What the API needs of the state machine: the active guest and read-only
+/// queries against the applied state. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateReader {
+    state: SledState,
+    active: Arc<RwLock<Option<Arc<ActiveGuest>>>>,
+}
+
+impl StateReader {
+    /// The active guest, if one has been installed.
+    pub fn active(&self) -> Option<Arc<ActiveGuest>> {
+        self.active
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs a read-only query through the active guest at `time_ms`.
+    ///
+    /// # Errors
+    /// [`HostFault`] when no guest is active or the host failed.
+    pub fn query(&self, time_ms: u64, request: &[u8]) -> Result<Outcome, HostFault> {
+        let active = self
+            .active()
+            .ok_or_else(|| HostFault("no guest is active yet".into()))?;
+        let pooled = active
+            .queries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut instance =
+            pooled.unwrap_or_else(|| active.module.instantiate(Arc::new(self.state.clone())));
+        let ctx = Context {
+            index: 0,
+            position: 0,
+            time_ms,
+        };
+        let outcome = instance.query(ctx, request)?;
+        let mut pool = active
+            .queries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.len() < QUERY_POOL {
+            pool.push(instance);
+        }
+        Ok(outcome)
+    }
+
+    /// A SHA-256 over every guest key and value, in key order: equal on two
+    /// replicas exactly when they hold the same state.
+    ///
+    /// # Errors
+    /// When sled fails to read.
+    pub fn state_hash(&self) -> Result<String, sled::Error> {
+        use sha2::Digest as _;
+        let mut hasher = sha2::Sha256::new();
+        for item in self.state.0.range(vec![GUEST]..vec![GUEST + 1]) {
+            let (k, v) = item?;
+            hasher.update((k.len() as u64).to_le_bytes());
+            hasher.update(&k);
+            hasher.update((v.len() as u64).to_le_bytes());
+            hasher.update(&v);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+}
+
+/// The snapshot as stored and sent: every entry of the state tree.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotData {
+    entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: typ::SnapshotMeta,
+    data: serde_bytes::ByteBuf,
+}
+
+/// openraft's state machine over the sled tree `state`.
+#[derive(Debug)]
+pub struct StateMachineStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    snapshots: sled::Tree,
+    runtime: GuestRuntime,
+    reader: StateReader,
+    /// The apply instance of the active guest.
+    instance: Option<GuestInstance>,
+    applied: Option<typ::LogId>,
+    membership: typ::StoredMembership,
+    time_ms: u64,
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+fn read_err(e: impl std::fmt::Display) -> typ::StorageError {
+    StorageIOError::read_state_machine(&io_err(e)).into()
+}
+
+fn write_err(e: impl std::fmt::Display) -> typ::StorageError {
+    StorageIOError::write_state_machine(&io_err(e)).into()
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, typ::StorageError> {
+    match tree.get(key).map_err(read_err)? {
+        Some(bytes) => rmp_serde::from_slice(&bytes).map(Some).map_err(read_err),
+        None => Ok(None),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, typ::StorageError> {
+    rmp_serde::to_vec(value).map_err(write_err)
+}
+
+impl StateMachineStore {
+    /// Opens the state machine in `db`, loading the active guest (from the
+    /// compile cache when possible) and finishing a snapshot install that a
+    /// crash interrupted.
+    ///
+    /// # Errors
+    /// A storage error when sled fails or the stored guest cannot be loaded.
+    pub fn open(db: &sled::Db, runtime: GuestRuntime) -> Result<Self, typ::StorageError> {
+        let tree = db.open_tree("state").map_err(read_err)?;
+        let snapshots = db.open_tree("snapshot").map_err(read_err)?;
+        let reader = StateReader {
+            state: SledState(tree.clone()),
+            active: Arc::default(),
+        };
+        let mut sm = Self {
+            db: db.clone(),
+            tree,
+            snapshots,
+            runtime,
+            reader,
+            instance: None,
+            applied: None,
+            membership: typ::StoredMembership::default(),
+            time_ms: 0,
+        };
+        if let Some(snapshot) = sm.stored_snapshot()? {
+            let applied: Option<typ::LogId> = read_meta(&sm.tree, KEY_APPLIED)?.flatten();
+            if snapshot.meta.last_log_id > applied {
+                tracing::info!(snapshot = ?snapshot.meta.last_log_id, ?applied, "finishing an interrupted snapshot install");
+                sm.replace_state(&snapshot.data)?;
+            }
+        }
+        sm.load_meta()?;
+        Ok(sm)
+    }
+
+    /// A handle for queries and status.
+    pub fn reader(&self) -> StateReader {
+        self.reader.clone()
+    }
+
+    fn load_meta(&mut self) -> Result<(), typ::StorageError> {
+        self.applied = read_meta(&self.tree, KEY_APPLIED)?.flatten();
+        self.membership = read_meta(&self.tree, KEY_MEMBERSHIP)?.unwrap_or_default();
+        self.time_ms = read_meta(&self.tree, KEY_TIME)?.unwrap_or(0);
+        self.load_active_guest()
+    }
+
+    /// Loads the guest recorded in the state as active (or none).
+    fn load_active_guest(&mut self) -> Result<(), typ::StorageError> {
+        let module = self.tree.get(KEY_GUEST_MODULE).map_err(read_err)?;
+        let since: u64 = read_meta(&self.tree, KEY_GUEST_SINCE)?.unwrap_or(0);
+        let active = match module {
+            Some(bytes) => {
+                let module = self
+                    .runtime
+                    .load(&bytes)
+                    .map_err(|e| read_err(format!("the stored active guest does not load: {e}")))?;
+                Some(module)
+            }
+            None => None,
+        };
+        self.activate(active, since);
+        Ok(())
+    }
+
+    fn activate(&mut self, module: Option<GuestModule>, since: u64) {
+        self.instance = module
+            .as_ref()
+            .map(|m| m.instantiate(Arc::new(self.reader.state.clone())));
+        let active = module.map(|module| {
+            Arc::new(ActiveGuest {
+                module,
+                since,
+                queries: Mutex::default(),
+            })
+        });
+        *self
+            .reader
+            .active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = active;
+    }
+
+    fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, typ::StorageError> {
+        read_meta(&self.snapshots, KEY_SNAPSHOT)
+    }
+
+    /// Replaces the whole state tree with a snapshot's entries.
+    fn replace_state(&mut self, data: &[u8]) -> Result<(), typ::StorageError> {
+        let data: SnapshotData = rmp_serde::from_slice(data).map_err(read_err)?;
+        let mut batch = sled::Batch::default();
+        for key in self.tree.iter().keys() {
+            batch.remove(key.map_err(read_err)?);
+        }
+        for (k, v) in data.entries {
+            batch.insert(k.into_vec(), v.into_vec());
+        }
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        Ok(())
+    }
+
+    /// Applies one normal entry's operations; guest writes stay in the
+    /// instance's overlay, host writes go to `batch`.
+    fn apply_request(
+        &mut self,
+        log_id: &typ::LogId,
+        request: &Request,
+        batch: &mut sled::Batch,
+    ) -> Result<Response, typ::StorageError> {
+        // Time never goes backwards, even across leaders with skewed clocks.
+        self.time_ms = self.time_ms.max(request.time_ms);
+        let mut results = Vec::with_capacity(request.ops.len());
+        for (position, op) in request.ops.iter().enumerate() {
+            let ctx = Context {
+                index: log_id.index,
+                position: position as u32,
+                time_ms: self.time_ms,
+            };
+            let result = match op {
+                Op::Apply(command) => self.apply_command(ctx, command)?,
+                Op::SetGuest { module } => self.set_guest(log_id.index, module, batch)?,
+            };
+            results.push(result);
+        }
+        Ok(Response { results })
+    }
+
+    fn apply_command(
+        &mut self,
+        ctx: Context,
+        command: &[u8],
+    ) -> Result<OpResult, typ::StorageError> {
+        let Some(instance) = self.instance.as_mut() else {
+            return Ok(Err("no guest is active; deploy one first".into()));
+        };
+        let outcome = instance.apply(ctx, command).map_err(write_err)?;
+        Ok(outcome.result)
+    }
+
+    /// Activates `module` at `index`. The leader validated it before proposing;
+    /// a module that still fails here fails on every replica alike.
+    fn set_guest(
+        &mut self,
+        index: u64,
+        module: &[u8],
+        batch: &mut sled::Batch,
+    ) -> Result<OpResult, typ::StorageError> {
+        let loaded = match self.runtime.load(module) {
+            Ok(loaded) => loaded,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        // Writes made so far in this apply call belong to the old guest's
+        // instance; carry them over so they commit with the batch.
+        let pending = self.instance.as_mut().map(GuestInstance::take_writes);
+        batch.insert(KEY_GUEST_HASH, encode(&loaded.hash())?);
+        batch.insert(KEY_GUEST_MODULE, module);
+        batch.insert(KEY_GUEST_SINCE, encode(&index)?);
+        let answer = serde_json::json!({
+            "index": index,
+            "name": loaded.name(),
+            "version": loaded.version().to_string(),
+            "hash": loaded.hash(),
+        });
+        self.activate(Some(loaded), index);
+        if let (Some(pending), Some(instance)) = (pending, self.instance.as_mut()) {
+            instance.restore_writes(pending);
+        }
+        Ok(Ok(answer.to_string().into_bytes()))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<typ::LogId>, typ::StoredMembership), typ::StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, typ::StorageError>
+    where
+        I: IntoIterator<Item = typ::Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        let mut responses = Vec::new();
+        for entry in entries {
+            self.applied = Some(entry.log_id);
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response::default(),
+                EntryPayload::Membership(membership) => {
+                    self.membership =
+                        typ::StoredMembership::new(Some(entry.log_id), membership.clone());
+                    Response::default()
+                }
+                EntryPayload::Normal(request) => {
+                    self.apply_request(&entry.log_id, request, &mut batch)?
+                }
+            };
+            responses.push(response);
+        }
+        if let Some(instance) = self.instance.as_mut() {
+            for (key, value) in instance.take_writes() {
+                let key = guest_key(&key);
+                match value {
+                    Some(value) => batch.insert(key, value),
+                    None => batch.remove(key),
+                }
+            }
+        }
+        batch.insert(KEY_APPLIED, encode(&self.applied)?);
+        batch.insert(KEY_MEMBERSHIP, encode(&self.membership)?);
+        batch.insert(KEY_TIME, encode(&self.time_ms)?);
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Copied here, on the state machine task between applies, so the
+        // builder holds a consistent view without blocking later applies.
+        let entries = self
+            .tree
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| {
+                    (
+                        serde_bytes::ByteBuf::from(k.to_vec()),
+                        serde_bytes::ByteBuf::from(v.to_vec()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>();
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snapshots: self.snapshots.clone(),
+            applied: self.applied,
+            membership: self.membership.clone(),
+            entries,
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, typ::StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &typ::SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), typ::StorageError> {
+        let data = snapshot.into_inner();
+        // Stored first: if the node crashes while replacing the state, `open`
+        // finishes the install from here.
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: serde_bytes::ByteBuf::from(data),
+        };
+        self.snapshots
+            .insert(KEY_SNAPSHOT, encode(&stored)?)
+            .map_err(write_err)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        self.replace_state(&stored.data)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        self.load_meta()?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<typ::Snapshot>, typ::StorageError> {
+        Ok(self.stored_snapshot()?.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data.into_vec())),
+        }))
+    }
+}
+
+/// Builds a snapshot from the copy taken by `get_snapshot_builder`.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    snapshots: sled::Tree,
+    applied: Option<typ::LogId>,
+    membership: typ::StoredMembership,
+    entries: Result<Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>, sled::Error>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<typ::Snapshot, typ::StorageError> {
+        let entries = std::mem::replace(&mut self.entries, Ok(Vec::new())).map_err(read_err)?;
+        let data = encode(&SnapshotData { entries })?;
+        let last = self.applied;
+        let snapshot_id = match last {
+            Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = typ::SnapshotMeta {
+            last_log_id: last,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        // A build that raced with a newer installed snapshot must not replace it.
+        let current: Option<StoredSnapshot> = read_meta(&self.snapshots, KEY_SNAPSHOT)?;
+        if current.as_ref().is_none_or(|c| c.meta.last_log_id < last) {
+            let stored = StoredSnapshot {
+                meta: meta.clone(),
+                data: serde_bytes::ByteBuf::from(data.clone()),
+            };
+            self.snapshots
+                .insert(KEY_SNAPSHOT, encode(&stored)?)
+                .map_err(write_err)?;
+            self.db.flush_async().await.map_err(write_err)?;
+        }
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}

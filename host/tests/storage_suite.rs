@@ -1,0 +1,31 @@
+//! openraft's storage conformance suite on the sled log store and state
+//! machine.
+
+use raftwasm::raft::log_store::LogStore;
+use raftwasm::raft::state_machine::StateMachineStore;
+use raftwasm::raft::{TypeConfig, typ};
+use raftwasm::runtime::{GuestRuntime, Limits};
+
+struct SledBuilder {
+    runtime: GuestRuntime,
+}
+
+impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir>
+    for SledBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), typ::StorageError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled opens");
+        let log = LogStore::open(&db)?;
+        let sm = StateMachineStore::open(&db, self.runtime.clone())?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn sled_stores_pass_the_openraft_suite() -> Result<(), typ::StorageError> {
+    let runtime = GuestRuntime::new(Limits::default(), None).expect("engine");
+    openraft::testing::Suite::test_all(SledBuilder { runtime })
+}
