@@ -1,0 +1,566 @@
+//! `LogStore`: the Raft log, the vote, the committed log id and the node id,
+//! kept in two trees of the node's one sled database so that a single flush
+//! also covers the state machine's trees.
+#![allow(
+    clippy::result_large_err,
+    reason = "openraft's StorageError is the error type its storage traits require"
+)]
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{NodeId, TypeConfig, typ};
+
+/// Tree holding the log: key is the entry's index as `u64` big-endian (so
+/// sled's byte order is index order), value is the rmp-serde `Entry`.
+const LOG_TREE: &str = "raft_log";
+/// Tree holding the small pieces of Raft state, each rmp-serde encoded.
+const META_TREE: &str = "raft_meta";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_NODE_ID: &[u8] = b"node_id";
+
+/// One of openraft's `StorageIOError` constructors: it names the subject
+/// (logs, vote, store) and the verb of a failed operation.
+type ToIoError = fn(AnyError) -> StorageIOError<NodeId>;
+
+/// openraft's log storage on sled.
+///
+/// Guarantees openraft relies on:
+/// - `append` and `save_vote` report success only after `flush_async` of
+///   the whole database, so an acknowledged entry or vote survives a crash.
+/// - The log has no holes: `purge` records `last_purged` (and flushes it)
+///   before it deletes entries, and `open` finishes a purge that a crash
+///   interrupted; `truncate` only ever removes a suffix.
+/// - `get_log_state` reports `last_log_id = last_purged` when the log holds
+///   no entry after the purge point.
+///
+/// Any sled or decoding failure is returned as a [`typ::StorageError`],
+/// which stops the Raft node: it never turns into an acknowledgement.
+#[derive(Debug)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// A read-only view of the log for openraft's replication tasks; cloning it
+/// is cheap (it shares the sled tree with the [`LogStore`]).
+#[derive(Debug, Clone)]
+pub struct LogReader {
+    log: sled::Tree,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log trees in `db`.
+    ///
+    /// The state machine keeps its own trees in the same `db`, so one flush
+    /// makes both durable. If a crash interrupted a purge, the entries it
+    /// meant to delete are removed here.
+    ///
+    /// # Errors
+    ///
+    /// A storage error when sled cannot open the trees or the stored
+    /// `last_purged` cannot be read.
+    pub fn open(db: &sled::Db) -> Result<Self, typ::StorageError> {
+        let open_tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| StorageIOError::<NodeId>::read(&e))
+        };
+        let store = Self {
+            db: db.clone(),
+            log: open_tree(LOG_TREE)?,
+            meta: open_tree(META_TREE)?,
+        };
+        if let Some(purged) = store.last_purged()? {
+            delete_range(&store.log, ..=purged.index, StorageIOError::write_logs)?;
+        }
+        Ok(store)
+    }
+
+    /// The node id persisted by [`LogStore::save_node_id`], or `None` on a
+    /// node's first boot.
+    ///
+    /// # Errors
+    ///
+    /// A storage error when the stored id cannot be read or decoded; the
+    /// caller must not treat that as a first boot.
+    pub fn node_id(&self) -> Result<Option<NodeId>, typ::StorageError> {
+        read_meta(&self.meta, KEY_NODE_ID, StorageIOError::read)
+    }
+
+    /// Persists this node's id; returns once it is flushed to disk.
+    ///
+    /// # Errors
+    ///
+    /// A storage error when sled cannot write or flush.
+    pub async fn save_node_id(&self, id: NodeId) -> Result<(), typ::StorageError> {
+        write_meta(&self.meta, KEY_NODE_ID, &id, StorageIOError::write)?;
+        self.flush(StorageIOError::write).await
+    }
+
+    fn last_purged(&self) -> Result<Option<typ::LogId>, typ::StorageError> {
+        read_meta(&self.meta, KEY_LAST_PURGED, StorageIOError::read_logs)
+    }
+
+    /// Flushes the whole database (every tree), mapping a failure with
+    /// `to_err` so it names what was being made durable.
+    async fn flush(&self, to_err: ToIoError) -> Result<(), typ::StorageError> {
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| to_err(AnyError::new(&e)))?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<typ::Entry>, typ::StorageError> {
+        read_entries(&self.log, range)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<typ::Entry>, typ::StorageError> {
+        read_entries(&self.log, range)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, typ::StorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let last_entry = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((key, value)) => Some(decode_entry(&key, &value)?.log_id),
+            None => None,
+        };
+        // Entries at or below the purge point are never reported, even if a
+        // crash left some behind.
+        let last_log_id = match (last_entry, last_purged_log_id) {
+            (Some(entry), Some(purged)) if entry.index <= purged.index => Some(purged),
+            (Some(entry), _) => Some(entry),
+            (None, purged) => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        LogReader {
+            log: self.log.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &typ::Vote) -> Result<(), typ::StorageError> {
+        write_meta(&self.meta, KEY_VOTE, vote, StorageIOError::write_vote)?;
+        self.flush(StorageIOError::write_vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<typ::Vote>, typ::StorageError> {
+        read_meta(&self.meta, KEY_VOTE, StorageIOError::read_vote)
+    }
+
+    /// Records the committed log id. It is not flushed on its own: the next
+    /// append or vote flush covers it, and openraft tolerates an older value
+    /// after a crash (it only bounds what is re-applied at startup).
+    async fn save_committed(
+        &mut self,
+        committed: Option<typ::LogId>,
+    ) -> Result<(), typ::StorageError> {
+        match committed {
+            Some(log_id) => write_meta(&self.meta, KEY_COMMITTED, &log_id, StorageIOError::write),
+            None => self
+                .meta
+                .remove(KEY_COMMITTED)
+                .map(drop)
+                .map_err(|e| StorageIOError::write(&e).into()),
+        }
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<typ::LogId>, typ::StorageError> {
+        read_meta(&self.meta, KEY_COMMITTED, StorageIOError::read)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), typ::StorageError>
+    where
+        I: IntoIterator<Item = typ::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let value = rmp_serde::to_vec(&entry)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            batch.insert(&index_key(entry.log_id.index), value);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+
+        match self.db.flush_async().await {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(&e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: typ::LogId) -> Result<(), typ::StorageError> {
+        delete_range(&self.log, log_id.index.., StorageIOError::write_logs)?;
+        // A truncated suffix must not come back after a crash, or the log
+        // could mix entries of two leaders.
+        self.flush(StorageIOError::write_logs).await
+    }
+
+    async fn purge(&mut self, log_id: typ::LogId) -> Result<(), typ::StorageError> {
+        // Record the purge point durably first: if the deletion below is
+        // cut short, `open` completes it, and the log never starts with a
+        // hole that `last_purged` does not explain.
+        write_meta(
+            &self.meta,
+            KEY_LAST_PURGED,
+            &log_id,
+            StorageIOError::write_logs,
+        )?;
+        self.flush(StorageIOError::write_logs).await?;
+        delete_range(&self.log, ..=log_id.index, StorageIOError::write_logs)
+    }
+}
+
+/// The sled key of the entry at `index`.
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Converts a range of indexes into a half-open `[start, end)` pair of
+/// sled keys; `None` for `end` means "to the end of the log". Returns
+/// `None` when the range is empty.
+fn key_range(range: &impl RangeBounds<u64>) -> Option<([u8; 8], Option<[u8; 8]>)> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    match end {
+        Some(end) if end <= start => None,
+        end => Some((index_key(start), end.map(index_key))),
+    }
+}
+
+/// Iterates the sled entries whose index lies in `range`.
+fn scan(tree: &sled::Tree, range: &impl RangeBounds<u64>) -> Option<sled::Iter> {
+    let (start, end) = key_range(range)?;
+    Some(match end {
+        Some(end) => tree.range(start..end),
+        None => tree.range(start..),
+    })
+}
+
+fn read_entries(
+    tree: &sled::Tree,
+    range: impl RangeBounds<u64>,
+) -> Result<Vec<typ::Entry>, typ::StorageError> {
+    let Some(iter) = scan(tree, &range) else {
+        return Ok(Vec::new());
+    };
+    let mut entries = Vec::new();
+    for item in iter {
+        let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+        entries.push(decode_entry(&key, &value)?);
+    }
+    Ok(entries)
+}
+
+fn decode_entry(key: &[u8], value: &[u8]) -> Result<typ::Entry, typ::StorageError> {
+    let index = key
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|e| StorageIOError::read_logs(&e))?;
+    rmp_serde::from_slice(value).map_err(|e| StorageIOError::read_log_at_index(index, &e).into())
+}
+
+/// Deletes the entries whose index lies in `range`, in one sled batch.
+fn delete_range(
+    tree: &sled::Tree,
+    range: impl RangeBounds<u64>,
+    to_err: ToIoError,
+) -> Result<(), typ::StorageError> {
+    let Some(iter) = scan(tree, &range) else {
+        return Ok(());
+    };
+    let mut batch = sled::Batch::default();
+    for key in iter.keys() {
+        batch.remove(key.map_err(|e| to_err(AnyError::new(&e)))?);
+    }
+    tree.apply_batch(batch)
+        .map_err(|e| to_err(AnyError::new(&e)).into())
+}
+
+/// Reads and decodes the meta value under `key`; `None` if it was never
+/// written.
+fn read_meta<T: DeserializeOwned>(
+    meta: &sled::Tree,
+    key: &[u8],
+    to_err: ToIoError,
+) -> Result<Option<T>, typ::StorageError> {
+    let Some(bytes) = meta.get(key).map_err(|e| to_err(AnyError::new(&e)))? else {
+        return Ok(None);
+    };
+    rmp_serde::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| to_err(AnyError::new(&e)).into())
+}
+
+/// Encodes `value` and stores it under `key` (not flushed).
+fn write_meta<T: Serialize>(
+    meta: &sled::Tree,
+    key: &[u8],
+    value: &T,
+    to_err: ToIoError,
+) -> Result<(), typ::StorageError> {
+    let bytes = rmp_serde::to_vec(value).map_err(|e| to_err(AnyError::new(&e)))?;
+    meta.insert(key, bytes)
+        .map(drop)
+        .map_err(|e| to_err(AnyError::new(&e)).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
+
+    use super::*;
+    use crate::raft::{NodeInfo, Op, Request};
+
+    fn log_id(term: u64, index: u64) -> typ::LogId {
+        LogId::new(CommittedLeaderId::new(term, 0), index)
+    }
+
+    fn entry(term: u64, index: u64) -> typ::Entry {
+        typ::Entry {
+            log_id: log_id(term, index),
+            payload: EntryPayload::Normal(Request {
+                time_ms: index,
+                ops: vec![Op::Apply(format!("op {index}").into_bytes())],
+            }),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> anyhow::Result<(sled::Db, LogStore)> {
+        let db = sled::open(dir.path())?;
+        let store = LogStore::open(&db)?;
+        Ok((db, store))
+    }
+
+    /// A store holding entries 1..=10 of term 1.
+    async fn ten_entries(dir: &tempfile::TempDir) -> anyhow::Result<(sled::Db, LogStore)> {
+        let (db, mut store) = open(dir)?;
+        store.blocking_append((1..=10).map(|i| entry(1, i))).await?;
+        Ok((db, store))
+    }
+
+    fn indexes(entries: &[typ::Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    async fn state(store: &mut LogStore) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+        let state = store.get_log_state().await?;
+        Ok((
+            state.last_purged_log_id.map(|id| id.index),
+            state.last_log_id.map(|id| id.index),
+        ))
+    }
+
+    #[tokio::test]
+    async fn empty_store_has_no_state() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, mut store) = open(&dir)?;
+        assert_eq!(state(&mut store).await?, (None, None));
+        assert_eq!(store.read_vote().await?, None);
+        assert_eq!(store.read_committed().await?, None);
+        assert_eq!(store.node_id()?, None);
+        assert!(store.try_get_log_entries(0..100).await?.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn appended_entries_read_back_identically() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, mut store) = open(&dir)?;
+        let membership = typ::Entry {
+            log_id: log_id(1, 3),
+            payload: EntryPayload::Membership(Membership::new(
+                vec![[1, 2].into()],
+                std::collections::BTreeMap::from([
+                    (1, NodeInfo::default()),
+                    (2, NodeInfo::default()),
+                ]),
+            )),
+        };
+        let written = vec![
+            typ::Entry {
+                log_id: log_id(1, 1),
+                payload: EntryPayload::Blank,
+            },
+            entry(1, 2),
+            membership,
+            entry(1, 4),
+        ];
+        store.blocking_append(written.clone()).await?;
+
+        assert_eq!(store.try_get_log_entries(..).await?, written);
+        assert_eq!(store.try_get_log_entries(2..4).await?, written[1..3]);
+        assert_eq!(store.try_get_log_entries(2..=4).await?, written[1..]);
+        assert!(store.try_get_log_entries(3..3).await?.is_empty());
+        assert!(store.try_get_log_entries(5..).await?.is_empty());
+        assert_eq!(state(&mut store).await?, (None, Some(4)));
+
+        // The reader shares the tree, including later appends.
+        let mut reader = store.get_log_reader().await;
+        store.blocking_append([entry(2, 5)]).await?;
+        assert_eq!(indexes(&reader.try_get_log_entries(4..).await?), [4, 5]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn truncate_removes_the_suffix_from_the_index_on() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, mut store) = ten_entries(&dir).await?;
+
+        store.truncate(log_id(1, 11)).await?;
+        assert_eq!(store.try_get_log_entries(..).await?.len(), 10);
+
+        store.truncate(log_id(1, 6)).await?;
+        assert_eq!(
+            indexes(&store.try_get_log_entries(..).await?),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(state(&mut store).await?, (None, Some(5)));
+
+        // A new leader's entries replace the truncated ones.
+        store.blocking_append([entry(2, 6)]).await?;
+        let last = store.try_get_log_entries(6..).await?;
+        assert_eq!(last, [entry(2, 6)]);
+
+        store.truncate(log_id(0, 0)).await?;
+        assert!(store.try_get_log_entries(..).await?.is_empty());
+        assert_eq!(state(&mut store).await?, (None, None));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn purge_removes_the_prefix_and_remembers_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, mut store) = ten_entries(&dir).await?;
+
+        store.purge(log_id(1, 5)).await?;
+        assert_eq!(
+            indexes(&store.try_get_log_entries(..).await?),
+            [6, 7, 8, 9, 10]
+        );
+        assert_eq!(state(&mut store).await?, (Some(5), Some(10)));
+
+        // Purging everything leaves last_log_id at the purge point.
+        store.purge(log_id(1, 10)).await?;
+        assert!(store.try_get_log_entries(..).await?.is_empty());
+        assert_eq!(state(&mut store).await?, (Some(10), Some(10)));
+
+        // Purging past the last entry (after installing a snapshot)
+        // advances both.
+        store.purge(log_id(3, 20)).await?;
+        let got = store.get_log_state().await?;
+        assert_eq!(got.last_purged_log_id, Some(log_id(3, 20)));
+        assert_eq!(got.last_log_id, Some(log_id(3, 20)));
+
+        store.blocking_append([entry(3, 21)]).await?;
+        assert_eq!(state(&mut store).await?, (Some(20), Some(21)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn vote_committed_purge_and_node_id_survive_a_restart() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let vote = openraft::Vote::new_committed(7, 3);
+        {
+            let (_db, mut store) = ten_entries(&dir).await?;
+            store.save_vote(&vote).await?;
+            store.save_committed(Some(log_id(1, 8))).await?;
+            store.purge(log_id(1, 4)).await?;
+            store.save_node_id(3).await?;
+        }
+        let (_db, mut store) = open(&dir)?;
+        assert_eq!(store.read_vote().await?, Some(vote));
+        assert_eq!(store.read_committed().await?, Some(log_id(1, 8)));
+        assert_eq!(store.node_id()?, Some(3));
+        assert_eq!(state(&mut store).await?, (Some(4), Some(10)));
+        assert_eq!(
+            indexes(&store.try_get_log_entries(..).await?),
+            [5, 6, 7, 8, 9, 10]
+        );
+
+        store.save_committed(None).await?;
+        assert_eq!(store.read_committed().await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn open_finishes_a_purge_cut_short_by_a_crash() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let (db, _store) = ten_entries(&dir).await?;
+            // The purge point was recorded but the entries not yet deleted.
+            let meta = db.open_tree(META_TREE)?;
+            meta.insert(KEY_LAST_PURGED, rmp_serde::to_vec(&log_id(1, 6))?)?;
+            db.flush_async().await?;
+        }
+        let (_db, mut store) = open(&dir)?;
+        assert_eq!(
+            indexes(&store.try_get_log_entries(..).await?),
+            [7, 8, 9, 10]
+        );
+        assert_eq!(state(&mut store).await?, (Some(6), Some(10)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn corrupt_entry_is_a_storage_error_not_a_panic() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (db, mut store) = ten_entries(&dir).await?;
+        db.open_tree(LOG_TREE)?
+            .insert(index_key(11), &[0xc1u8, 0x00][..])?;
+        assert!(store.try_get_log_entries(..).await.is_err());
+        assert!(store.get_log_state().await.is_err());
+        db.open_tree(META_TREE)?
+            .insert(KEY_NODE_ID, &[0xc1u8][..])?;
+        assert!(store.node_id().is_err());
+        Ok(())
+    }
+}

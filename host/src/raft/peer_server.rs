@@ -1,0 +1,246 @@
+//! The peer port (`--raft`): accepts connections from other nodes' `PeerClient`s,
+//! checks their [`Hello`], and answers their Raft RPCs through the local [`Raft`].
+//!
+//! Wire format and message types live in [`super::network`].
+
+use std::future::Future;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::network::{
+    FrameError, Hello, HelloReply, MAX_FRAME_LEN, MAX_HELLO_LEN, PROTOCOL_VERSION, PeerRequest,
+    PeerResponse, read_frame, write_frame,
+};
+use super::{Raft, typ};
+
+/// How long a new connection may take to send its [`Hello`].
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves the peer port until `shutdown` resolves.
+///
+/// Each connection gets its own task; its requests are answered one at a
+/// time, in order, which keeps a leader's append-entries stream ordered.
+/// When `token` is set, a connection whose [`Hello`] carries a different
+/// token is refused. A malformed frame closes only that connection.
+/// On shutdown the listener and every open connection are closed.
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    token: Option<String>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handler = move |request| {
+        let raft = raft.clone();
+        async move { dispatch(&raft, request).await }
+    };
+    serve_with(listener, token, shutdown, handler).await;
+}
+
+/// [`serve`] with the RPC handling passed in, so that the transport can be
+/// tested without a Raft node.
+pub(crate) async fn serve_with<H, F>(
+    listener: TcpListener,
+    token: Option<String>,
+    shutdown: impl Future<Output = ()>,
+    handler: H,
+) where
+    H: Fn(PeerRequest) -> F + Clone + Send + 'static,
+    F: Future<Output = PeerResponse> + Send,
+{
+    let token: Option<Arc<str>> = token.map(Arc::from);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "peer port listening");
+    }
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let handler = handler.clone();
+                    let token = token.clone();
+                    connections.spawn(async move {
+                        if let Err(e) = serve_connection(stream, peer, token, handler).await {
+                            log_connection_error(peer, &e);
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "peer port: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    debug!(open = connections.len(), "peer port shutting down");
+    connections.shutdown().await;
+}
+
+/// Why a peer connection ended other than by the peer closing it.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("no hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn log_connection_error(peer: SocketAddr, err: &ConnectionError) {
+    match err {
+        // A peer going away mid-frame is routine (restart, timeout on its
+        // side); anything else means a misconfigured or broken client.
+        ConnectionError::Frame(FrameError::Io(e)) | ConnectionError::Io(e) => {
+            debug!(%peer, error = %e, "peer connection closed")
+        }
+        _ => warn!(%peer, error = %err, "peer connection closed"),
+    }
+}
+
+async fn serve_connection<H, F>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    token: Option<Arc<str>>,
+    handler: H,
+) -> Result<(), ConnectionError>
+where
+    H: Fn(PeerRequest) -> F,
+    F: Future<Output = PeerResponse>,
+{
+    stream.set_nodelay(true)?;
+
+    let hello: Hello =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, MAX_HELLO_LEN)).await {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(FrameError::Closed)) => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(ConnectionError::HelloTimeout(HELLO_TIMEOUT)),
+        };
+    if let Err(reason) = check_hello(&hello, token.as_deref()) {
+        // Best effort: the client learns why before the connection closes.
+        let _ = write_frame(
+            &mut stream,
+            &HelloReply::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        return Err(ConnectionError::Refused(reason));
+    }
+    write_frame(&mut stream, &HelloReply::Accepted).await?;
+    debug!(%peer, "peer connection accepted");
+
+    loop {
+        let request: PeerRequest = match read_frame(&mut stream, MAX_FRAME_LEN).await {
+            Ok(request) => request,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let response = handler(request).await;
+        write_frame(&mut stream, &response).await?;
+    }
+}
+
+/// Accepts a [`Hello`] with our protocol version and, if we have a token,
+/// the same token. The error is the reason sent back to the client.
+fn check_hello(hello: &Hello, token: Option<&str>) -> Result<(), String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "peer protocol version {} is not supported (this node speaks {PROTOCOL_VERSION}); \
+             run the same raftwasm release on every node",
+            hello.version
+        ));
+    }
+    match token {
+        None => Ok(()),
+        Some(expected) => match hello.token.as_deref() {
+            Some(given) if tokens_match(given, expected) => Ok(()),
+            _ => Err("cluster token mismatch; give every node the same cluster token".into()),
+        },
+    }
+}
+
+/// Compares two tokens in time independent of where they differ, and of
+/// their lengths (both are hashed first).
+fn tokens_match(given: &str, expected: &str) -> bool {
+    let a = Sha256::digest(given.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+async fn dispatch(raft: &Raft, request: PeerRequest) -> PeerResponse {
+    match request {
+        PeerRequest::AppendEntries(rpc) => {
+            PeerResponse::AppendEntries(raft.append_entries(rpc).await)
+        }
+        PeerRequest::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await),
+        PeerRequest::FullSnapshot { vote, meta, data } => {
+            let snapshot = typ::Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            };
+            PeerResponse::FullSnapshot(raft.install_full_snapshot(vote, snapshot).await)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node spawns [`serve`] on the runtime, so its future must be
+    /// `Send`; this fails to compile otherwise.
+    #[allow(dead_code)]
+    fn serve_future_is_send(listener: TcpListener, raft: Raft) {
+        fn assert_send<T: Send>(_: &T) {}
+        assert_send(&serve(listener, raft, None, async {}));
+    }
+
+    fn hello(version: u32, token: Option<&str>) -> Hello {
+        Hello {
+            version,
+            token: token.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn hello_without_server_token_is_accepted() {
+        assert!(check_hello(&hello(PROTOCOL_VERSION, None), None).is_ok());
+        assert!(check_hello(&hello(PROTOCOL_VERSION, Some("any")), None).is_ok());
+    }
+
+    #[test]
+    fn hello_needs_the_server_token() {
+        assert!(check_hello(&hello(PROTOCOL_VERSION, Some("s3cret")), Some("s3cret")).is_ok());
+        assert!(check_hello(&hello(PROTOCOL_VERSION, Some("s3cre")), Some("s3cret")).is_err());
+        assert!(check_hello(&hello(PROTOCOL_VERSION, Some("")), Some("s3cret")).is_err());
+        assert!(check_hello(&hello(PROTOCOL_VERSION, None), Some("s3cret")).is_err());
+    }
+
+    #[test]
+    fn hello_with_another_protocol_version_is_refused() {
+        let refused = check_hello(&hello(PROTOCOL_VERSION + 1, None), None);
+        assert!(refused.is_err_and(|reason| reason.contains("protocol version")));
+    }
+}
