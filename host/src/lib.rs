@@ -8,5 +8,10 @@
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> replicate -> commit -> StateMachine::apply -> guest apply -> sled batch`.
 
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod metrics;
+pub mod node;
 pub mod raft;
 pub mod runtime;

@@ -1,1 +1,26 @@
-fn main() {}
+//! The `raftwasm` binary: parses the command line, sets up logging, and runs
+//! a node (or a client subcommand).
+
+use clap::Parser as _;
+use raftwasm::config::{Cli, Command, normalize_args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse_from(normalize_args(std::env::args()));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+        )
+        .init();
+    match cli.command {
+        Some(Command::Bench(config)) => raftwasm::bench::run(config).await,
+        None => {
+            let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            raftwasm::node::run(cli.node, listeners, shutdown).await
+        }
+    }
+}

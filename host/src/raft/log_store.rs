@@ -44,7 +44,7 @@ type ToIoError = fn(AnyError) -> StorageIOError<NodeId>;
 ///
 /// Any sled or decoding failure is returned as a [`typ::StorageError`],
 /// which stops the Raft node: it never turns into an acknowledgement.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
@@ -59,6 +59,14 @@ pub struct LogReader {
 }
 
 impl LogStore {
+    /// The committed index last saved by openraft, for status reports; `None`
+    /// when nothing is committed yet or it cannot be read.
+    pub fn committed_index(&self) -> Option<u64> {
+        let committed: Option<Option<typ::LogId>> =
+            read_meta(&self.meta, KEY_COMMITTED, StorageIOError::read).ok()?;
+        committed.flatten().map(|log_id| log_id.index)
+    }
+
     /// Opens (or creates) the log trees in `db`.
     ///
     /// The state machine keeps its own trees in the same `db`, so one flush

@@ -11,9 +11,11 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod peer_server;
+pub mod read_barrier;
 pub mod state_machine;
 
 /// A node's id: chosen on first boot and persisted in its data dir.

@@ -1,0 +1,216 @@
+//! Operator routes: membership (`/join`, `/remove`), `/status`, `/metrics`,
+//! and `/read_index`, which followers use for linearizable reads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use super::query::Params;
+use crate::node::App;
+use crate::raft::{NodeId, NodeInfo, typ};
+
+/// What a joining node sends: its id and addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The joining node's id.
+    pub id: NodeId,
+    /// Its HTTP address.
+    pub http: String,
+    /// Its peer address.
+    pub raft: String,
+}
+
+fn not_leader(app: &App) -> ApiError {
+    ApiError::NotLeader {
+        message: "not the leader; send membership changes to the leader",
+        leader: app.leader().1,
+    }
+}
+
+fn membership_error(app: &App, error: typ::RaftError<typ::ClientWriteError>) -> ApiError {
+    match error {
+        openraft::error::RaftError::APIError(typ::ClientWriteError::ForwardToLeader(_)) => {
+            not_leader(app)
+        }
+        openraft::error::RaftError::APIError(typ::ClientWriteError::ChangeMembershipError(e)) => {
+            ApiError::Unavailable(format!("membership change refused: {e}; retry shortly"))
+        }
+        openraft::error::RaftError::Fatal(e) => ApiError::Unavailable(format!("raft stopped: {e}")),
+    }
+}
+
+/// `POST /join` with a [`JoinRequest`]: adds the node as a learner, waits
+/// for it to catch up, then makes it a voter. Idempotent for a member that
+/// restarts with the same addresses.
+pub async fn join(
+    State(app): State<Arc<App>>,
+    Json(request): Json<JoinRequest>,
+) -> Result<&'static str, ApiError> {
+    if !app.is_leader() {
+        return Err(not_leader(&app));
+    }
+    let node = NodeInfo {
+        api_addr: request.http.clone(),
+        raft_addr: request.raft.clone(),
+    };
+    let membership = app.raft.metrics().borrow().membership_config.clone();
+    if let Some(known) = membership.membership().get_node(&request.id) {
+        if *known != node {
+            return Err(ApiError::BadRequest(format!(
+                "node {} is already a member with addresses http={} raft={}; remove it first to change them",
+                request.id, known.api_addr, known.raft_addr
+            )));
+        }
+        if membership
+            .membership()
+            .voter_ids()
+            .any(|id| id == request.id)
+        {
+            return Ok("ok");
+        }
+    }
+    tracing::info!(id = request.id, http = %request.http, raft = %request.raft, "adding a node");
+    app.raft
+        .add_learner(request.id, node, true)
+        .await
+        .map_err(|e| membership_error(&app, e))?;
+    app.raft
+        .change_membership(
+            ChangeMembers::AddVoterIds(BTreeSet::from([request.id])),
+            false,
+        )
+        .await
+        .map_err(|e| membership_error(&app, e))?;
+    tracing::info!(id = request.id, "node is a voter");
+    Ok("ok")
+}
+
+/// `POST /remove?id=N`: removes a member (voter or learner).
+pub async fn remove(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+) -> Result<&'static str, ApiError> {
+    let params = Params::parse(query.as_deref())?;
+    let id = params
+        .number("id")?
+        .ok_or_else(|| ApiError::BadRequest("missing parameter `id`".into()))?;
+    if !app.is_leader() {
+        return Err(not_leader(&app));
+    }
+    let membership = app.raft.metrics().borrow().membership_config.clone();
+    if membership.membership().get_node(&id).is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let ids = BTreeSet::from([id]);
+    if membership.membership().voter_ids().any(|v| v == id) {
+        app.raft
+            .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+            .await
+            .map_err(|e| membership_error(&app, e))?;
+    }
+    app.raft
+        .change_membership(ChangeMembers::RemoveNodes(ids), false)
+        .await
+        .map_err(|e| membership_error(&app, e))?;
+    tracing::info!(id, "node removed");
+    Ok("ok")
+}
+
+/// One member, as `/status` shows it.
+#[derive(Debug, Serialize)]
+struct Member {
+    id: NodeId,
+    http: String,
+    raft: String,
+    voter: bool,
+}
+
+/// `GET /status`: this node's view of the cluster, as JSON.
+pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let metrics = app.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members: Vec<Member> = membership
+        .nodes()
+        .map(|(id, node)| Member {
+            id: *id,
+            http: node.api_addr.clone(),
+            raft: node.raft_addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect();
+    let (leader, leader_addr) = app.leader();
+    let guest = app.state.active().map(|g| {
+        serde_json::json!({
+            "name": g.module.name(),
+            "version": g.module.version().to_string(),
+            "hash": g.module.hash(),
+            "since": g.since,
+        })
+    });
+    let replication: Option<BTreeMap<NodeId, Option<u64>>> =
+        metrics.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, log)| (*id, log.map(|l| l.index)))
+                .collect()
+        });
+    Json(serde_json::json!({
+        "id": app.id,
+        "role": format!("{:?}", metrics.state).to_lowercase(),
+        "term": metrics.current_term,
+        "leader": leader,
+        "leader_http": leader_addr,
+        "last_log_index": metrics.last_log_index,
+        "committed": app.committed(),
+        "applied": metrics.last_applied.map(|l| l.index),
+        "snapshot": metrics.snapshot.map(|l| l.index),
+        "purged": metrics.purged.map(|l| l.index),
+        "members": members,
+        "replication": replication,
+        "guest": guest,
+        "state_hash": app.state.state_hash().ok(),
+    }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(app): State<Arc<App>>) -> String {
+    let m = app.raft.metrics().borrow().clone();
+    let is_leader = u64::from(m.current_leader == Some(app.id));
+    let last_log = m.last_log_index.unwrap_or(0);
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let purged = m.purged.map_or(0, |l| l.index);
+    app.metrics.render(&[
+        (
+            "raftwasm_is_leader",
+            "1 if this node is the leader.",
+            is_leader,
+        ),
+        ("raftwasm_term", "Current Raft term.", m.current_term),
+        (
+            "raftwasm_last_log_index",
+            "Index of the last log entry.",
+            last_log,
+        ),
+        (
+            "raftwasm_applied_index",
+            "Index of the last applied entry.",
+            applied,
+        ),
+        (
+            "raftwasm_log_entries",
+            "Entries in the log (not yet purged).",
+            last_log.saturating_sub(purged),
+        ),
+    ])
+}
+
+/// `GET /read_index`: on the leader, confirms leadership with a quorum and
+/// answers the index a follower must apply before a linearizable read.
+pub async fn read_index(State(app): State<Arc<App>>) -> Result<String, ApiError> {
+    Ok(app.reads.confirm().await?.to_string())
+}

@@ -1,0 +1,182 @@
+//! The HTTP API on `--http`, grouped by audience:
+//! - [`kv`]: clients — `/set`, `/get`, `/delete`, `/cas`, `/apply`, `/query`;
+//! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
+//!   and `/read_index` for followers' linearizable reads.
+//!
+//! Every error is an [`ApiError`], so status codes are decided in one place.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::node::App;
+use crate::raft::batcher::WriteError;
+use crate::raft::read_barrier::ReadError;
+
+pub mod cluster;
+mod kv;
+mod query;
+
+/// The response header that names the leader's HTTP address.
+pub const LEADER_HEADER: &str = "x-raft-leader";
+
+/// The largest key accepted, in bytes.
+pub const MAX_KEY: usize = 1024;
+/// The largest value accepted, in bytes.
+pub const MAX_VALUE: usize = 1 << 20;
+/// The largest request body accepted (a value plus its encoding).
+const MAX_BODY: usize = MAX_VALUE + 64 * 1024;
+
+/// The routes of a node.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/set", get(kv::set).post(kv::set))
+        .route("/get", get(kv::get).post(kv::get))
+        .route("/delete", get(kv::delete).post(kv::delete))
+        .route("/cas", get(kv::compare_and_set).post(kv::compare_and_set))
+        .route("/apply", post(kv::apply))
+        .route("/query", post(kv::query))
+        .route("/join", post(cluster::join))
+        .route("/remove", post(cluster::remove))
+        .route("/status", get(cluster::status))
+        .route("/metrics", get(cluster::metrics))
+        .route("/read_index", get(cluster::read_index))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(negotiate))
+        .with_state(app)
+}
+
+/// An error answer. Messages are lowercase, name what failed, and say what
+/// to do.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request is malformed.
+    BadRequest(String),
+    /// 404 with an empty body: the key does not exist.
+    NotFound,
+    /// 409: a precondition failed; the body is the current value.
+    Conflict(Vec<u8>),
+    /// 413: a key, value or body is too large.
+    TooLarge(String),
+    /// 421: this node does not serve this request; `message` is the body and
+    /// the leader's address goes into a header (and JSON, when asked for).
+    NotLeader {
+        message: &'static str,
+        leader: Option<String>,
+    },
+    /// 422: the guest refused the command; the body is its message.
+    Refused(String),
+    /// 503: the node cannot serve now (no leader yet, shutting down).
+    Unavailable(String),
+    /// 504: the write was proposed but not seen committed; its outcome is
+    /// unknown.
+    Unknown(String),
+    /// 500: a fault on this node.
+    Internal(String),
+}
+
+/// The body a follower answers writes with, as in the walkthrough.
+pub const WRITE_REFUSED: &str = "write method not allowed";
+
+/// Marks a not-leader response so [`negotiate`] can answer in JSON.
+#[derive(Debug, Clone)]
+struct NotLeaderInfo {
+    message: &'static str,
+    leader: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.into_bytes()),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, Vec::new()),
+            ApiError::Conflict(current) => (StatusCode::CONFLICT, current),
+            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.into_bytes()),
+            ApiError::Refused(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.into_bytes()),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m.into_bytes()),
+            ApiError::Unknown(m) => {
+                tracing::warn!(%m, "write outcome unknown");
+                (StatusCode::GATEWAY_TIMEOUT, m.into_bytes())
+            }
+            ApiError::Internal(m) => {
+                tracing::error!(%m, "request failed on this node");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{m}; see the node's log").into_bytes(),
+                )
+            }
+            ApiError::NotLeader { message, leader } => {
+                let mut response = (StatusCode::MISDIRECTED_REQUEST, message).into_response();
+                if let Some(value) = leader
+                    .as_deref()
+                    .and_then(|l| HeaderValue::from_str(&format!("http://{l}")).ok())
+                {
+                    response.headers_mut().insert(LEADER_HEADER, value);
+                }
+                response
+                    .extensions_mut()
+                    .insert(NotLeaderInfo { message, leader });
+                return response;
+            }
+        };
+        (status, body).into_response()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::NotLeader(leader) => ApiError::NotLeader {
+                message: WRITE_REFUSED,
+                leader,
+            },
+            WriteError::Unknown(_) => ApiError::Unknown(error.to_string()),
+            WriteError::Unavailable(_) => ApiError::Unavailable(format!("{error}; retry shortly")),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::NotLeader(leader) => ApiError::NotLeader {
+                message: "not the leader; retry on the leader or use consistency=stale",
+                leader,
+            },
+            ReadError::Unavailable(_) => ApiError::Unavailable(format!("{error}; retry shortly")),
+        }
+    }
+}
+
+/// Answers not-leader errors in JSON for clients that ask for it with
+/// `Accept: application/json`.
+async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let wants_json = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    let response = next.run(request).await;
+    if !wants_json {
+        return response;
+    }
+    match response.extensions().get::<NotLeaderInfo>().cloned() {
+        Some(info) => {
+            let body = serde_json::json!({
+                "error": info.message,
+                "leader": info.leader.map(|l| format!("http://{l}")),
+            });
+            let (mut parts, _) = response.into_parts();
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+        }
+        None => response,
+    }
+}

@@ -1,0 +1,113 @@
+//! `raftwasm bench`: drives a running cluster over HTTP with N concurrent
+//! connections for a fixed time and prints ops/s and latency percentiles.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// What to measure.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchConfig {
+    /// HTTP address of the leader (writes) and of the node to read from.
+    #[arg(long, default_value = "127.0.0.1:6000")]
+    pub cluster: String,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Seconds to run each workload.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Workloads to run: set, get-linearizable, get-lease, get-stale.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "set,get-linearizable,get-lease,get-stale"
+    )]
+    pub workloads: Vec<String>,
+    /// Distinct keys written and read.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: usize,
+}
+
+/// Runs every workload and prints one table row each.
+///
+/// # Errors
+/// When the cluster cannot be reached or a workload name is unknown.
+pub async fn run(config: BenchConfig) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.connections)
+        .build()?;
+    let base = format!("http://{}", config.cluster.trim_start_matches("http://"));
+    let value = "v".repeat(100);
+    println!(
+        "{} connections, {} s per workload, 16-byte keys, 100-byte values, against {base}",
+        config.connections, config.seconds
+    );
+    println!(
+        "{:<18} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "workload", "ops/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    for workload in &config.workloads {
+        let path = match workload.as_str() {
+            "set" => format!("set?value={value}&key="),
+            "get-linearizable" => "get?consistency=linearizable&key=".to_owned(),
+            "get-lease" => "get?consistency=lease&key=".to_owned(),
+            "get-stale" => "get?consistency=stale&key=".to_owned(),
+            other => anyhow::bail!("unknown workload `{other}`"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(config.seconds);
+        let tasks: Vec<_> = (0..config.connections)
+            .map(|worker| {
+                let client = client.clone();
+                let url = format!("{base}/{path}");
+                let keys = config.keys;
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut errors = 0u64;
+                    let mut n = worker;
+                    while Instant::now() < deadline {
+                        let key = format!("bench-key-{:06}", n % keys);
+                        n += 7919;
+                        let start = Instant::now();
+                        let ok = match client.get(format!("{url}{key}")).send().await {
+                            Ok(r) => {
+                                r.status().is_success()
+                                    || r.status() == reqwest::StatusCode::NOT_FOUND
+                            }
+                            Err(_) => false,
+                        };
+                        if ok {
+                            latencies.push(start.elapsed());
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for task in tasks {
+            let (l, e) = task.await.context("a bench worker failed")?;
+            latencies.extend(l);
+            errors += e;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        latencies.sort_unstable();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        println!(
+            "{workload:<18} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {errors:>8}",
+            latencies.len() as f64 / elapsed,
+            pct(0.50),
+            pct(0.99),
+            latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        );
+    }
+    Ok(())
+}

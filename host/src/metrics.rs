@@ -1,0 +1,105 @@
+//! Counters and histograms for `/metrics`, in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::raft::batcher::BatchObserver;
+
+/// Bucket bounds (upper, inclusive) for batch sizes.
+const BATCH_BUCKETS: [u64; 8] = [1, 4, 16, 64, 128, 256, 512, 1024];
+
+/// The node's counters. All updates are relaxed atomics: cheap on the hot path.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Writes acknowledged with a result.
+    pub writes: AtomicU64,
+    /// Writes that failed (not leader, unknown outcome, unavailable).
+    pub write_errors: AtomicU64,
+    /// Reads answered.
+    pub reads: AtomicU64,
+    /// Leader changes seen by this node.
+    pub leader_changes: AtomicU64,
+    batches: AtomicU64,
+    batch_ops: AtomicU64,
+    batch_buckets: [AtomicU64; BATCH_BUCKETS.len()],
+}
+
+impl Metrics {
+    /// Counts a change of leader.
+    pub fn leader_changed(&self) {
+        self.leader_changes.fetch_add(1, Relaxed);
+    }
+
+    /// Renders every metric, with `extra` lines (gauges the caller knows).
+    pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        counter(
+            &mut out,
+            "raftwasm_writes_total",
+            "Writes acknowledged with a result.",
+            self.writes.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "raftwasm_write_errors_total",
+            "Writes refused or with unknown outcome.",
+            self.write_errors.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "raftwasm_reads_total",
+            "Reads answered.",
+            self.reads.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "raftwasm_leader_changes_total",
+            "Leader changes seen by this node.",
+            self.leader_changes.load(Relaxed),
+        );
+
+        let name = "raftwasm_batch_ops";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Operations per proposed log entry.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, count) in BATCH_BUCKETS.iter().zip(&self.batch_buckets) {
+            cumulative += count.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let batches = self.batches.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {batches}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}\n{name}_count {batches}",
+            self.batch_ops.load(Relaxed)
+        );
+
+        for (name, help, value) in extra {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+impl BatchObserver for Metrics {
+    fn batch_proposed(&self, ops: usize) {
+        self.batches.fetch_add(1, Relaxed);
+        self.batch_ops.fetch_add(ops as u64, Relaxed);
+        let bucket = BATCH_BUCKETS
+            .iter()
+            .position(|&b| ops as u64 <= b)
+            .unwrap_or(BATCH_BUCKETS.len() - 1);
+        self.batch_buckets[bucket].fetch_add(1, Relaxed);
+    }
+}

@@ -1,0 +1,364 @@
+//! A raftwasm node: opens the data directory, starts Raft, the peer server
+//! and the HTTP API, bootstraps or joins, and runs until shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use openraft::ServerState;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api;
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::raft::batcher::Batcher;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::NetworkFactory;
+use crate::raft::read_barrier::ReadBarrier;
+use crate::raft::state_machine::{StateMachineStore, StateReader};
+use crate::raft::{NodeId, NodeInfo, Op, Raft, peer_server};
+use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
+
+/// The two listening sockets of a node, bound before it starts so that tests
+/// can bind port 0 and learn the real addresses.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The client HTTP API (`--http`).
+    pub http: TcpListener,
+    /// The peer port (`--raft`).
+    pub raft: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    ///
+    /// # Errors
+    /// When an address is taken or invalid.
+    pub async fn bind(config: &NodeConfig) -> anyhow::Result<Self> {
+        let http = TcpListener::bind(&config.http)
+            .await
+            .with_context(|| format!("cannot listen on --http={}", config.http))?;
+        let raft = TcpListener::bind(&config.raft)
+            .await
+            .with_context(|| format!("cannot listen on --raft={}", config.raft))?;
+        Ok(Self { http, raft })
+    }
+}
+
+/// What the HTTP handlers share.
+pub struct App {
+    /// This node's id.
+    pub id: NodeId,
+    /// This node's addresses.
+    pub addrs: NodeInfo,
+    /// The openraft handle.
+    pub raft: Raft,
+    /// The node's configuration.
+    pub config: NodeConfig,
+    /// Gathers writes into log entries.
+    pub batcher: Batcher,
+    /// Batches leadership confirmations for linearizable reads.
+    pub reads: ReadBarrier,
+    /// Queries and the active guest.
+    pub state: StateReader,
+    /// Loads and validates guests.
+    pub runtime: GuestRuntime,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// For calls to other nodes (join, forwarding, read index).
+    pub http: reqwest::Client,
+    /// The log store's view of the committed index.
+    pub log: LogStore,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("id", &self.id)
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// The current leader's id and HTTP address, as this node knows them.
+    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader;
+        let addr = leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.api_addr.clone())
+        });
+        (leader, addr)
+    }
+
+    /// The last committed log index this node knows of.
+    pub fn committed(&self) -> Option<u64> {
+        self.log.committed_index()
+    }
+
+    /// Whether this node believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+///
+/// # Errors
+/// When the data directory, storage or listeners cannot be used, or a
+/// `--guest` file is unusable.
+pub async fn run(
+    config: NodeConfig,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.node)
+        .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
+    let db = sled::Config::new()
+        .path(config.node.join("db"))
+        .open()
+        .with_context(|| format!("cannot open the database in {}", config.node.display()))?;
+    let log_store = LogStore::open(&db)?;
+    let id = match log_store.node_id()? {
+        Some(id) => id,
+        None => {
+            let id = config.id.unwrap_or_else(random_id);
+            log_store.save_node_id(id).await?;
+            db.flush_async().await?;
+            id
+        }
+    };
+    let runtime = GuestRuntime::new(Limits::default(), Some(config.node.join("guests")))?;
+    let bootstrap_guest = match &config.guest {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read --guest {}", path.display()))?;
+            runtime
+                .load(&bytes)
+                .with_context(|| format!("--guest {} is not a usable guest", path.display()))?;
+            bytes
+        }
+        None => BUNDLED_GUEST.to_vec(),
+    };
+    let state_machine = StateMachineStore::open(&db, runtime.clone())?;
+    let state = state_machine.reader();
+
+    let addrs = NodeInfo {
+        api_addr: listeners.http.local_addr()?.to_string(),
+        raft_addr: listeners.raft.local_addr()?.to_string(),
+    };
+    let raft_config = openraft::Config {
+        cluster_name: "raftwasm".into(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms,
+        election_timeout_max: config.election_timeout_ms * 2,
+        max_payload_entries: 64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        max_in_snapshot_log_to_keep: config.keep_entries,
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid Raft timing flags")?;
+    let network = NetworkFactory::new(id, None);
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config),
+        network,
+        log_store.clone(),
+        state_machine,
+    )
+    .await?;
+
+    let cancel = CancellationToken::new();
+    tokio::spawn(peer_server::serve(
+        listeners.raft,
+        raft.clone(),
+        None,
+        cancel.clone().cancelled_owned(),
+    ));
+
+    let metrics = Arc::new(Metrics::default());
+    let app = Arc::new(App {
+        id,
+        addrs: addrs.clone(),
+        batcher: Batcher::start(raft.clone(), config.write_timeout(), metrics.clone()),
+        reads: ReadBarrier::start(raft.clone()),
+        raft: raft.clone(),
+        config: config.clone(),
+        state,
+        runtime,
+        metrics,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+        log: log_store,
+    });
+    tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, dir = %config.node.display(), "node started");
+    tokio::spawn(watch_role(app.clone()));
+
+    if raft.is_initialized().await? {
+        tracing::info!("data directory holds a cluster member; rejoining as before");
+    } else if config.bootstrap {
+        tracing::info!("bootstrapping a new single-node cluster");
+        match raft.initialize(BTreeMap::from([(id, addrs.clone())])).await {
+            Ok(())
+            | Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) => {}
+            Err(e) => return Err(e).context("bootstrapping the cluster"),
+        }
+    }
+    if config.bootstrap {
+        tokio::spawn(install_first_guest(app.clone(), bootstrap_guest));
+    }
+    if let Some(join) = config.join.clone() {
+        tokio::spawn(join_cluster(app.clone(), join));
+    }
+
+    let server = axum::serve(listeners.http, api::router(app.clone()));
+    tracing::info!("http server listening on {}", addrs.api_addr);
+    let served = server.with_graceful_shutdown(shutdown).await;
+    cancel.cancel();
+    let _ = raft.shutdown().await;
+    db.flush_async().await?;
+    served.context("the http server failed")
+}
+
+/// A random node id for a new data directory.
+fn random_id() -> NodeId {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    // Small positive ids read better in logs and URLs.
+    hasher.finish() % 1_000_000_000 + 1
+}
+
+/// Logs role changes the way the walkthrough shows them, and counts leader
+/// changes.
+async fn watch_role(app: Arc<App>) {
+    let mut metrics = app.raft.metrics();
+    let mut last = (ServerState::Learner, None);
+    loop {
+        let now = {
+            let m = metrics.borrow_and_update();
+            (m.state, m.current_leader)
+        };
+        if now != last {
+            if now.1 != last.1 {
+                app.metrics.leader_changed();
+            }
+            match now {
+                (ServerState::Leader, _) => tracing::info!("became leader; write api enabled"),
+                (state, Some(leader)) if leader != app.id => {
+                    tracing::info!(
+                        ?state,
+                        leader,
+                        "following leader {leader}; writes are refused here"
+                    )
+                }
+                (state, _) => tracing::info!(?state, "role changed"),
+            }
+            last = now;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// On the bootstrapping node, once it leads: installs the first guest if the
+/// cluster has none yet.
+async fn install_first_guest(app: Arc<App>, module: Vec<u8>) {
+    let mut metrics = app.raft.metrics();
+    loop {
+        if app.state.active().is_some() {
+            return;
+        }
+        let leader = metrics.borrow_and_update().current_leader == Some(app.id);
+        if leader {
+            match app
+                .batcher
+                .write(Op::SetGuest {
+                    module: module.clone(),
+                })
+                .await
+            {
+                Ok(Ok(answer)) => {
+                    tracing::info!(guest = %String::from_utf8_lossy(&answer), "installed the first guest");
+                    return;
+                }
+                Ok(Err(refusal)) => {
+                    tracing::error!(%refusal, "the first guest was refused");
+                    return;
+                }
+                Err(error) => tracing::warn!(%error, "installing the first guest; retrying"),
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks the cluster at `join` to add this node, following leader hints and
+/// retrying until this node is a voter.
+async fn join_cluster(app: Arc<App>, join: String) {
+    let mut target = join;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let is_voter = {
+            let m = app.raft.metrics().borrow().clone();
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == app.id)
+        };
+        if is_voter {
+            tracing::info!("this node is a voter of the cluster");
+            return;
+        }
+        let url = format!("http://{}/join", target.trim_start_matches("http://"));
+        let body = api::cluster::JoinRequest {
+            id: app.id,
+            http: app.addrs.api_addr.clone(),
+            raft: app.addrs.raft_addr.clone(),
+        };
+        match app.http.post(&url).json(&body).send().await {
+            Ok(response) if response.status().is_success() => {
+                tracing::info!(%url, "joined the cluster");
+                return;
+            }
+            Ok(response) => {
+                let leader = response
+                    .headers()
+                    .get(api::LEADER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.trim_start_matches("http://").to_owned());
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                match leader {
+                    Some(leader) if leader != target => {
+                        tracing::info!(%leader, "join: asking the leader");
+                        target = leader;
+                        continue;
+                    }
+                    _ => tracing::warn!(%url, %status, %text, "join refused; retrying"),
+                }
+            }
+            Err(error) => tracing::warn!(%url, %error, "join failed; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
