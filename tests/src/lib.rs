@@ -1,6 +1,8 @@
 //! Shared helpers for raftwasm's tests: the test guests, a single-replica
 //! runtime harness and, for the cluster tests, the `TestCluster` harness.
 
+pub mod cluster;
+
 use std::sync::Arc;
 
 use guest_kv::command::{Command, Response};

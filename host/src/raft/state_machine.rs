@@ -416,6 +416,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         batch.insert(KEY_MEMBERSHIP, encode(&self.membership)?);
         batch.insert(KEY_TIME, encode(&self.time_ms)?);
         self.tree.apply_batch(batch).map_err(write_err)?;
+        if let Some(applied) = self.applied {
+            tracing::debug!(index = applied.index, entries = responses.len(), "applied");
+        }
         Ok(responses)
     }
 
