@@ -112,7 +112,7 @@ pub fn apply(
 /// A [`Refusal`] for a malformed request or a write.
 pub fn query(store: &mut impl Store, now_ms: u64, request: &[u8]) -> Result<Response, Refusal> {
     match Command::decode(request).map_err(Refusal::Malformed)? {
-        Command::Get { key } if key.is_empty() => Err(Refusal::EmptyKey),
+        Command::Get { key: b"" } => Err(Refusal::EmptyKey),
         Command::Get { key } => Ok(Response::Value(read(store, now_ms, key))),
         _ => Err(Refusal::WriteInQuery),
     }
