@@ -93,11 +93,15 @@ fn main() {
             position: 1,
             time_ms: 1_000,
         };
-        instance.apply(ctx, &commands[0]).expect("no host fault").fuel_used
+        instance
+            .apply(ctx, &commands[0])
+            .expect("no host fault")
+            .fuel_used
     };
 
     let cache_dir = tempfile::tempdir().expect("temp dir");
-    let cached = GuestRuntime::new(Limits::default(), Some(cache_dir.path().to_owned())).expect("engine");
+    let cached =
+        GuestRuntime::new(Limits::default(), Some(cache_dir.path().to_owned())).expect("engine");
     let compile_start = Instant::now();
     cached.load(BUNDLED_GUEST).expect("compile");
     let compile = compile_start.elapsed();
@@ -111,11 +115,20 @@ fn main() {
             .collect(),
     );
 
-    println!("guest apply benchmark: {COMMANDS} set commands, 16-byte keys, 100-byte values, {BATCH} commands per entry, median of {ROUNDS}");
+    println!(
+        "guest apply benchmark: {COMMANDS} set commands, 16-byte keys, 100-byte values, {BATCH} commands per entry, median of {ROUNDS}"
+    );
     println!("  through the guest : {guest:8.0} ns/command ({fuel} fuel)");
     println!("  native            : {native:8.0} ns/command");
-    println!("  guest overhead    : {:8.0} ns/command ({:.1}x)", guest - native, guest / native);
+    println!(
+        "  guest overhead    : {:8.0} ns/command ({:.1}x)",
+        guest - native,
+        guest / native
+    );
     println!("bundled guest ({} bytes)", BUNDLED_GUEST.len());
-    println!("  compile           : {:8.1} ms", compile.as_secs_f64() * 1e3);
+    println!(
+        "  compile           : {:8.1} ms",
+        compile.as_secs_f64() * 1e3
+    );
     println!("  load from cache   : {load_from_cache:8.0} µs (median of 21)");
 }
