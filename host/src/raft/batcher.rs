@@ -2,9 +2,10 @@
 //! flush, one replication round), and each caller gets its own result.
 //!
 //! openraft 0.9 flushes the log once per `client_write`, so batching is what
-//! turns many small writes into throughput. A batch is whatever queued while
-//! the previous entries were being proposed; a few batches may be in flight
-//! at once so that replication of one overlaps the flush of the next.
+//! turns many small writes into throughput. One entry is in flight at a time,
+//! and the next batch is whatever queued meanwhile: group commit. (Measured on
+//! a 2-core machine with 64 clients: two entries in flight halved throughput,
+//! because openraft serialises their flushes anyway and the batches shrink.)
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,8 +18,8 @@ use super::{Op, OpResult, Raft, Request, typ};
 const MAX_OPS: usize = 1024;
 /// The most operation bytes in one entry.
 const MAX_BYTES: usize = 4 << 20;
-/// Batches proposed concurrently.
-const IN_FLIGHT: usize = 4;
+/// Entries proposed concurrently.
+const IN_FLIGHT: usize = 1;
 
 /// Why a write has no result.
 #[derive(Debug, Clone, thiserror::Error)]
