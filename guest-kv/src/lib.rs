@@ -6,7 +6,7 @@
 //!   host's HTTP adapter so that both sides encode it from one definition.
 //! - [`cache`]: the cache logic, written against the [`cache::Store`] trait so
 //!   that it runs the same inside the guest and natively (for benchmarks).
-//! - `guest` (wasm32 only): the WIT bindings that plug the logic into the
+//! - `guest` (wasm32, feature `guest`): the WIT bindings that plug the logic into the
 //!   `raftwasm:state-machine` world.
 //! - `arena` (wasm32 only): the per-call allocator that keeps every call's
 //!   instruction count independent of earlier calls.
@@ -18,5 +18,5 @@ pub mod command;
 
 #[cfg(target_arch = "wasm32")]
 mod arena;
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "guest"))]
 mod guest;

@@ -23,6 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Drive a running cluster over HTTP and print throughput and latency.
     Bench(crate::bench::BenchConfig),
+    /// Manage the cluster's guest.
+    #[command(subcommand)]
+    Guest(crate::deploy::GuestCommand),
 }
 
 /// Everything a node needs to run.
@@ -53,6 +56,10 @@ pub struct NodeConfig {
     /// keeps the id it was created with.
     #[arg(long)]
     pub id: Option<u64>,
+    /// Cluster token: when set, joining, removing members, deploying guests
+    /// and the peer port all require it. Give every node the same one.
+    #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Followers forward writes to the leader instead of refusing them.
     #[arg(long)]
     pub forward_writes: bool,

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod deploy;
 pub mod metrics;
 pub mod node;
 pub mod raft;

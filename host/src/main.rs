@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Some(Command::Bench(config)) => raftwasm::bench::run(config).await,
+        Some(Command::Guest(command)) => raftwasm::deploy::run(command).await,
         None => {
             let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
             let shutdown = async {

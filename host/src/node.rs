@@ -18,7 +18,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
 use crate::raft::read_barrier::ReadBarrier;
 use crate::raft::state_machine::{StateMachineStore, StateReader};
-use crate::raft::{NodeId, NodeInfo, Op, Raft, peer_server};
+use crate::raft::{NodeId, NodeInfo, Raft, peer_server};
 use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
 
 /// The two listening sockets of a node, bound before it starts so that tests
@@ -165,7 +165,7 @@ pub async fn run(
     }
     .validate()
     .context("invalid Raft timing flags")?;
-    let network = NetworkFactory::new(id, None);
+    let network = NetworkFactory::new(id, config.token.clone());
     let raft = Raft::new(
         id,
         Arc::new(raft_config),
@@ -179,7 +179,7 @@ pub async fn run(
     tokio::spawn(peer_server::serve(
         listeners.raft,
         raft.clone(),
-        None,
+        config.token.clone(),
         cancel.clone().cancelled_owned(),
     ));
 
@@ -287,22 +287,12 @@ async fn install_first_guest(app: Arc<App>, module: Vec<u8>) {
         }
         let leader = metrics.borrow_and_update().current_leader == Some(app.id);
         if leader {
-            match app
-                .batcher
-                .write(Op::SetGuest {
-                    module: module.clone(),
-                })
-                .await
-            {
-                Ok(Ok(answer)) => {
-                    tracing::info!(guest = %String::from_utf8_lossy(&answer), "installed the first guest");
+            match api::guest::deploy(&app, module.clone(), true).await {
+                Ok(record) => {
+                    tracing::info!(name = %record.name, version = %record.version, index = record.index, "installed the first guest");
                     return;
                 }
-                Ok(Err(refusal)) => {
-                    tracing::error!(%refusal, "the first guest was refused");
-                    return;
-                }
-                Err(error) => tracing::warn!(%error, "installing the first guest; retrying"),
+                Err(error) => tracing::warn!(?error, "installing the first guest; retrying"),
             }
         }
         if metrics.changed().await.is_err() {
@@ -334,7 +324,11 @@ async fn join_cluster(app: Arc<App>, join: String) {
             http: app.addrs.api_addr.clone(),
             raft: app.addrs.raft_addr.clone(),
         };
-        match app.http.post(&url).json(&body).send().await {
+        let mut request = app.http.post(&url).json(&body);
+        if let Some(token) = &app.config.token {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
             Ok(response) if response.status().is_success() => {
                 tracing::info!(%url, "joined the cluster");
                 return;

@@ -9,8 +9,10 @@ use axum::extract::{RawQuery, State};
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
-use super::ApiError;
+use axum::http::HeaderMap;
+
 use super::query::Params;
+use super::{ApiError, require_token};
 use crate::node::App;
 use crate::raft::{NodeId, NodeInfo, typ};
 
@@ -49,8 +51,10 @@ fn membership_error(app: &App, error: typ::RaftError<typ::ClientWriteError>) -> 
 /// restarts with the same addresses.
 pub async fn join(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     Json(request): Json<JoinRequest>,
 ) -> Result<&'static str, ApiError> {
+    require_token(&app, &headers)?;
     if !app.is_leader() {
         return Err(not_leader(&app));
     }
@@ -93,8 +97,10 @@ pub async fn join(
 /// `POST /remove?id=N`: removes a member (voter or learner).
 pub async fn remove(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<&'static str, ApiError> {
+    require_token(&app, &headers)?;
     let params = Params::parse(query.as_deref())?;
     let id = params
         .number("id")?
@@ -179,12 +185,19 @@ pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<Arc<App>>) -> String {
+    use std::fmt::Write as _;
     let m = app.raft.metrics().borrow().clone();
     let is_leader = u64::from(m.current_leader == Some(app.id));
     let last_log = m.last_log_index.unwrap_or(0);
     let applied = m.last_applied.map_or(0, |l| l.index);
     let purged = m.purged.map_or(0, |l| l.index);
-    app.metrics.render(&[
+    let guest_since = app.state.active().map_or(0, |g| g.since);
+    let mut out = app.metrics.render(&[
+        (
+            "raftwasm_guest_active_since_index",
+            "Log index from which the active guest runs.",
+            guest_since,
+        ),
         (
             "raftwasm_is_leader",
             "1 if this node is the leader.",
@@ -206,7 +219,19 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
             "Entries in the log (not yet purged).",
             last_log.saturating_sub(purged),
         ),
-    ])
+    ]);
+    if let Some(guest) = app.state.active() {
+        let m = &guest.module;
+        let _ = writeln!(
+            out,
+            "# HELP raftwasm_guest_info The active guest.\n# TYPE raftwasm_guest_info gauge\n\
+             raftwasm_guest_info{{name=\"{}\",version=\"{}\",hash=\"{}\"}} 1",
+            m.name(),
+            m.version(),
+            m.hash()
+        );
+    }
+    out
 }
 
 /// `GET /read_index`: on the leader, confirms leadership with a quorum and

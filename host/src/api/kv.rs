@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use guest_kv::command::{Command, Response as KvResponse};
 
 use super::query::Params;
-use super::{ApiError, MAX_KEY, MAX_VALUE};
+use super::{ApiError, MAX_KEY, MAX_VALUE, forward_or};
 use crate::node::App;
 use crate::raft::Op;
 use crate::raft::batcher::now_ms;
@@ -180,45 +180,6 @@ async fn follower_catch_up(app: &App) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// With `--forward-writes`, sends a refused write to the leader and relays
-/// its answer.
-async fn forward_or(
-    app: &App,
-    error: ApiError,
-    method: &Method,
-    uri: &Uri,
-    body: Bytes,
-) -> Response {
-    let ApiError::NotLeader {
-        leader: Some(leader),
-        ..
-    } = &error
-    else {
-        return error.into_response();
-    };
-    if !app.config.forward_writes {
-        return error.into_response();
-    }
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = format!("http://{leader}{path}");
-    let request = app.http.request(method.clone(), &url).body(body);
-    match request.send().await {
-        Ok(answer) => {
-            let status =
-                StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            match answer.bytes().await {
-                Ok(bytes) => (status, bytes).into_response(),
-                Err(e) => ApiError::Unknown(format!(
-                    "the leader's answer was lost ({e}); read the key to find out"
-                ))
-                .into_response(),
-            }
-        }
-        Err(e) => ApiError::Unavailable(format!("cannot forward to the leader at {leader}: {e}"))
-            .into_response(),
-    }
-}
-
 fn decode(answer: &[u8]) -> Result<KvResponse, ApiError> {
     KvResponse::decode(answer).map_err(|e| {
         ApiError::Refused(format!(
@@ -232,6 +193,7 @@ pub async fn set(
     State(app): State<Arc<App>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
@@ -254,7 +216,7 @@ pub async fn set(
     };
     match run.await {
         Ok(ok) => ok.into_response(),
-        Err(error) => forward_or(&app, error, &method, &uri, body).await,
+        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
     }
 }
 
@@ -280,6 +242,7 @@ pub async fn delete(
     State(app): State<Arc<App>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
@@ -296,7 +259,7 @@ pub async fn delete(
     };
     match run.await {
         Ok(ok) => ok.into_response(),
-        Err(error) => forward_or(&app, error, &method, &uri, body).await,
+        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
     }
 }
 
@@ -307,6 +270,7 @@ pub async fn compare_and_set(
     State(app): State<Arc<App>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
@@ -332,16 +296,22 @@ pub async fn compare_and_set(
     };
     match run.await {
         Ok(ok) => ok.into_response(),
-        Err(error) => forward_or(&app, error, &method, &uri, body).await,
+        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
     }
 }
 
 /// `POST /apply` with the guest's command bytes as body: the guest's answer
 /// bytes, or 422 with its refusal.
-pub async fn apply(State(app): State<Arc<App>>, method: Method, uri: Uri, body: Bytes) -> Response {
+pub async fn apply(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     match write(&app, body.to_vec()).await {
         Ok(answer) => answer.into_response(),
-        Err(error) => forward_or(&app, error, &method, &uri, body).await,
+        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
     }
 }
 

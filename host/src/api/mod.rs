@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -17,6 +18,7 @@ use crate::raft::batcher::WriteError;
 use crate::raft::read_barrier::ReadError;
 
 pub mod cluster;
+pub mod guest;
 mod kv;
 mod query;
 
@@ -44,6 +46,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/status", get(cluster::status))
         .route("/metrics", get(cluster::metrics))
         .route("/read_index", get(cluster::read_index))
+        .route(
+            "/guest",
+            get(guest::show)
+                .post(guest::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    app.runtime.limits().module_bytes + 1,
+                )),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(negotiate))
         .with_state(app)
@@ -55,6 +65,8 @@ pub fn router(app: Arc<App>) -> Router {
 pub enum ApiError {
     /// 400: the request is malformed.
     BadRequest(String),
+    /// 401: the cluster token is missing or wrong.
+    Unauthorized,
     /// 404 with an empty body: the key does not exist.
     NotFound,
     /// 409: a precondition failed; the body is the current value.
@@ -93,6 +105,10 @@ impl IntoResponse for ApiError {
         let (status, body) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.into_bytes()),
             ApiError::NotFound => (StatusCode::NOT_FOUND, Vec::new()),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                b"this cluster requires its token: send `Authorization: Bearer <token>`".to_vec(),
+            ),
             ApiError::Conflict(current) => (StatusCode::CONFLICT, current),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.into_bytes()),
             ApiError::Refused(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.into_bytes()),
@@ -148,6 +164,70 @@ impl From<ReadError> for ApiError {
             },
             ReadError::Unavailable(_) => ApiError::Unavailable(format!("{error}; retry shortly")),
         }
+    }
+}
+
+/// Checks the cluster token, when the node has one, in constant time.
+///
+/// # Errors
+/// [`ApiError::Unauthorized`] when it is missing or wrong.
+pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &app.config.token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if crate::raft::peer_server::tokens_match(given, expected) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Relays a request this node cannot serve to the leader, when `always` or
+/// with `--forward-writes`; otherwise answers `error`.
+pub(crate) async fn forward_or(
+    app: &App,
+    error: ApiError,
+    always: bool,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ApiError::NotLeader {
+        leader: Some(leader),
+        ..
+    } = &error
+    else {
+        return error.into_response();
+    };
+    if !always && !app.config.forward_writes {
+        return error.into_response();
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("http://{leader}{path}");
+    let mut request = app.http.request(method.clone(), &url).body(body);
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        request = request.header(header::AUTHORIZATION, auth.clone());
+    }
+    match request.send().await {
+        Ok(answer) => {
+            let status =
+                StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            match answer.bytes().await {
+                Ok(bytes) => (status, bytes).into_response(),
+                Err(e) => ApiError::Unknown(format!(
+                    "the leader's answer was lost ({e}); check before retrying"
+                ))
+                .into_response(),
+            }
+        }
+        Err(e) => ApiError::Unavailable(format!("cannot forward to the leader at {leader}: {e}"))
+            .into_response(),
     }
 }
 

@@ -81,7 +81,8 @@ impl Batcher {
 fn op_len(op: &Op) -> usize {
     match op {
         Op::Apply(bytes) => bytes.len(),
-        Op::SetGuest { module } => module.len(),
+        Op::StageGuest { module } => module.len(),
+        Op::ActivateGuest { hash, .. } => hash.len(),
     }
 }
 

@@ -46,11 +46,22 @@ pub struct Request {
 pub enum Op {
     /// A guest command: its bytes go to the active guest's `apply`.
     Apply(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// Installs and activates a guest module from this entry on. The leader
-    /// validated it before proposing; the answer names the guest and index.
-    SetGuest {
+    /// Stores a guest module in the replicated state. Every replica starts
+    /// compiling it in the background, so activating it later does not stall
+    /// the apply pipeline. The answer is the module's hash.
+    StageGuest {
         #[serde(with = "serde_bytes")]
         module: Vec<u8>,
+    },
+    /// Makes a staged guest the active one from this entry on: checks the
+    /// version guard (same name, higher version) unless `force`, and runs the
+    /// guest's migration hook. On any failure the previous guest stays active
+    /// and the answer says why.
+    ActivateGuest {
+        /// The staged module's SHA-256, in hex.
+        hash: String,
+        /// Skip the version guard.
+        force: bool,
     },
 }
 

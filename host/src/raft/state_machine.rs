@@ -11,6 +11,7 @@
 //! membership in a single sled batch: a crash never applies an entry twice or
 //! half. Snapshots copy the whole tree, so they carry the active guest too.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -30,6 +31,8 @@ const KEY_TIME: &[u8] = b"\0time";
 const KEY_GUEST_HASH: &[u8] = b"\0guest/hash";
 const KEY_GUEST_MODULE: &[u8] = b"\0guest/module";
 const KEY_GUEST_SINCE: &[u8] = b"\0guest/since";
+const KEY_GUEST_HISTORY: &[u8] = b"\0guest/history";
+const PREFIX_STAGED: &[u8] = b"\0staged/";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// The guest keys of the state tree, as the runtime's [`StateRead`].
@@ -128,6 +131,14 @@ impl StateReader {
         Ok(outcome)
     }
 
+    /// Every successful guest swap, oldest first.
+    ///
+    /// # Errors
+    /// When the state cannot be read.
+    pub fn guest_history(&self) -> Result<Vec<SwapRecord>, typ::StorageError> {
+        Ok(read_meta(&self.state.0, KEY_GUEST_HISTORY)?.unwrap_or_default())
+    }
+
     /// A SHA-256 over every guest key and value, in key order: equal on two
     /// replicas exactly when they hold the same state.
     ///
@@ -145,6 +156,21 @@ impl StateReader {
         }
         Ok(hex::encode(hasher.finalize()))
     }
+}
+
+/// One successful guest swap, as recorded in the state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapRecord {
+    /// The log index from which the guest is active.
+    pub index: u64,
+    /// The guest's name.
+    pub name: String,
+    /// The guest's version.
+    pub version: String,
+    /// The module's SHA-256, in hex.
+    pub hash: String,
+    /// Whether the version guard was skipped.
+    pub forced: bool,
 }
 
 /// The snapshot as stored and sent: every entry of the state tree.
@@ -169,6 +195,11 @@ pub struct StateMachineStore {
     reader: StateReader,
     /// The apply instance of the active guest.
     instance: Option<GuestInstance>,
+    /// Staged module bytes by hash (also in the tree; kept here so that an
+    /// activation applied in the same batch as its stage finds them).
+    staged: HashMap<String, Vec<u8>>,
+    /// Staged modules whose background compile finished, by hash.
+    compiled: Arc<Mutex<HashMap<String, GuestModule>>>,
     applied: Option<typ::LogId>,
     membership: typ::StoredMembership,
     time_ms: u64,
@@ -221,6 +252,8 @@ impl StateMachineStore {
             runtime,
             reader,
             instance: None,
+            staged: HashMap::new(),
+            compiled: Arc::default(),
             applied: None,
             membership: typ::StoredMembership::default(),
             time_ms: 0,
@@ -245,7 +278,30 @@ impl StateMachineStore {
         self.applied = read_meta(&self.tree, KEY_APPLIED)?.flatten();
         self.membership = read_meta(&self.tree, KEY_MEMBERSHIP)?.unwrap_or_default();
         self.time_ms = read_meta(&self.tree, KEY_TIME)?.unwrap_or(0);
+        self.staged.clear();
+        for item in self.tree.scan_prefix(PREFIX_STAGED) {
+            let (key, module) = item.map_err(read_err)?;
+            let hash = String::from_utf8_lossy(&key[PREFIX_STAGED.len()..]).into_owned();
+            self.compile_in_background(hash.clone(), module.to_vec());
+            self.staged.insert(hash, module.to_vec());
+        }
         self.load_active_guest()
+    }
+
+    /// Compiles a staged module on another thread, so that activating it
+    /// finds it ready (and the compile cache filled) instead of compiling on
+    /// the apply path.
+    fn compile_in_background(&self, hash: String, module: Vec<u8>) {
+        let runtime = self.runtime.clone();
+        let compiled = self.compiled.clone();
+        std::thread::spawn(move || {
+            if let Ok(loaded) = runtime.load(&module) {
+                compiled
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(hash, loaded);
+            }
+        });
     }
 
     /// Loads the guest recorded in the state as active (or none).
@@ -321,7 +377,10 @@ impl StateMachineStore {
             };
             let result = match op {
                 Op::Apply(command) => self.apply_command(ctx, command)?,
-                Op::SetGuest { module } => self.set_guest(log_id.index, module, batch)?,
+                Op::StageGuest { module } => self.stage_guest(module, batch)?,
+                Op::ActivateGuest { hash, force } => {
+                    self.activate_guest(ctx, hash, *force, batch)?
+                }
             };
             results.push(result);
         }
@@ -340,35 +399,109 @@ impl StateMachineStore {
         Ok(outcome.result)
     }
 
-    /// Activates `module` at `index`. The leader validated it before proposing;
-    /// a module that still fails here fails on every replica alike.
-    fn set_guest(
+    /// Stores a module in the state and starts compiling it.
+    fn stage_guest(
         &mut self,
-        index: u64,
         module: &[u8],
         batch: &mut sled::Batch,
     ) -> Result<OpResult, typ::StorageError> {
-        let loaded = match self.runtime.load(module) {
+        use sha2::Digest as _;
+        let hash = hex::encode(sha2::Sha256::digest(module));
+        batch.insert([PREFIX_STAGED, hash.as_bytes()].concat(), module);
+        self.compile_in_background(hash.clone(), module.to_vec());
+        self.staged.insert(hash.clone(), module.to_vec());
+        Ok(Ok(hash.into_bytes()))
+    }
+
+    /// Makes the staged module `hash` the active guest from `ctx.index` on.
+    /// Every check here depends only on replicated state and the module
+    /// bytes, so every replica reaches the same verdict.
+    fn activate_guest(
+        &mut self,
+        ctx: Context,
+        hash: &str,
+        force: bool,
+        batch: &mut sled::Batch,
+    ) -> Result<OpResult, typ::StorageError> {
+        let Some(module) = self.staged.get(hash).cloned() else {
+            return Ok(Err(format!(
+                "no staged guest has hash {hash}; stage it first"
+            )));
+        };
+        let ready = self
+            .compiled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(hash);
+        // A replica whose background compile has not finished waits for it
+        // here (it compiles now): it never skips the activation.
+        let loaded = match ready.map_or_else(|| self.runtime.load(&module), Ok) {
             Ok(loaded) => loaded,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        // Writes made so far in this apply call belong to the old guest's
-        // instance; carry them over so they commit with the batch.
-        let pending = self.instance.as_mut().map(GuestInstance::take_writes);
-        batch.insert(KEY_GUEST_HASH, encode(&loaded.hash())?);
-        batch.insert(KEY_GUEST_MODULE, module);
-        batch.insert(KEY_GUEST_SINCE, encode(&index)?);
-        let answer = serde_json::json!({
-            "index": index,
-            "name": loaded.name(),
-            "version": loaded.version().to_string(),
-            "hash": loaded.hash(),
-        });
-        self.activate(Some(loaded), index);
-        if let (Some(pending), Some(instance)) = (pending, self.instance.as_mut()) {
-            instance.restore_writes(pending);
+        let previous = self.reader.active();
+        if !force && let Some(previous) = &previous {
+            let (old, new) = (&previous.module, &loaded);
+            if old.name() != new.name() {
+                return Ok(Err(format!(
+                    "the active guest is `{}`; replacing it with `{}` needs force",
+                    old.name(),
+                    new.name()
+                )));
+            }
+            if new.version() <= old.version() {
+                return Ok(Err(format!(
+                    "version {} is not higher than the active {}; raise the version or force the swap",
+                    new.version(),
+                    old.version()
+                )));
+            }
         }
-        Ok(Ok(answer.to_string().into_bytes()))
+
+        // The writes of earlier commands in this apply call move to the new
+        // instance, so they commit with the batch whatever happens next.
+        let pending = self
+            .instance
+            .as_mut()
+            .map(GuestInstance::take_writes)
+            .unwrap_or_default();
+        let mut instance = loaded.instantiate(Arc::new(self.reader.state.clone()));
+        instance.restore_writes(pending);
+        if let Some(previous) = &previous {
+            let info = crate::runtime::GuestInfo {
+                name: previous.module.name().to_owned(),
+                version: previous.module.version().to_string(),
+            };
+            let outcome = instance.migrate(ctx, info).map_err(write_err)?;
+            if let Err(reason) = outcome.result {
+                let pending = instance.take_writes();
+                if let Some(old) = self.instance.as_mut() {
+                    old.restore_writes(pending);
+                }
+                return Ok(Err(format!("the migration failed: {reason}")));
+            }
+        }
+
+        let record = SwapRecord {
+            index: ctx.index,
+            name: loaded.name().to_owned(),
+            version: loaded.version().to_string(),
+            hash: hash.to_owned(),
+            forced: force,
+        };
+        let mut history: Vec<SwapRecord> =
+            read_meta(&self.tree, KEY_GUEST_HISTORY)?.unwrap_or_default();
+        history.push(record.clone());
+        batch.insert(KEY_GUEST_HISTORY, encode(&history)?);
+        batch.insert(KEY_GUEST_HASH, encode(&hash)?);
+        batch.insert(KEY_GUEST_MODULE, module);
+        batch.insert(KEY_GUEST_SINCE, encode(&ctx.index)?);
+        batch.remove([PREFIX_STAGED, hash.as_bytes()].concat());
+        self.staged.remove(hash);
+        self.activate(Some(loaded), ctx.index);
+        self.instance = Some(instance);
+        tracing::info!(index = ctx.index, name = %record.name, version = %record.version, %hash, "guest activated");
+        serde_json::to_vec(&record).map(Ok).map_err(write_err)
     }
 }
 
