@@ -10,10 +10,13 @@ fn main() {
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let wasm = build_guest::build_guest(
-        &manifest_dir.join("guests/chaos"),
-        &manifest_dir.join("../wit"),
-        "guest_chaos.wasm",
-    );
-    std::fs::copy(&wasm, out_dir.join("guest_chaos.wasm")).expect("copy the chaos guest");
+    for (dir, wasm) in [
+        ("guests/chaos", "guest_chaos.wasm"),
+        ("guests/kv-next", "guest_kv_next.wasm"),
+        ("guests/ledger", "ledger.wasm"),
+    ] {
+        let built =
+            build_guest::build_guest(&manifest_dir.join(dir), &manifest_dir.join("../wit"), wasm);
+        std::fs::copy(&built, out_dir.join(wasm)).unwrap_or_else(|e| panic!("copy {wasm}: {e}"));
+    }
 }

@@ -13,6 +13,12 @@ use raftwasm::runtime::{
 /// The misbehaving test guest (see `guests/chaos`).
 pub static CHAOS_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_chaos.wasm"));
 
+/// guest-kv 0.2.0: adds `incr` and a migration hook (see `guests/kv-next`).
+pub static KV_NEXT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_kv_next.wasm"));
+
+/// The example ledger guest (see `guests/ledger`).
+pub static LEDGER_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ledger.wasm"));
+
 /// A runtime with the default limits and no compile cache.
 pub fn runtime() -> GuestRuntime {
     GuestRuntime::new(Limits::default(), None).expect("the wasm engine starts")
