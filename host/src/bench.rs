@@ -27,6 +27,14 @@ pub struct BenchConfig {
     /// Distinct keys written and read.
     #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
+    /// Also measure a hot swap to this guest (deployed with force, so it may
+    /// be the active guest again): the time until every member runs it, and
+    /// set throughput during the swap next to the set row above.
+    #[arg(long)]
+    pub swap_guest: Option<std::path::PathBuf>,
+    /// The cluster token, for the swap.
+    #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Runs every workload and prints one table row each.
@@ -55,59 +63,139 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<()> {
             "get-stale" => "get?consistency=stale&key=".to_owned(),
             other => anyhow::bail!("unknown workload `{other}`"),
         };
-        let deadline = Instant::now() + Duration::from_secs(config.seconds);
-        let tasks: Vec<_> = (0..config.connections)
-            .map(|worker| {
-                let client = client.clone();
-                let url = format!("{base}/{path}");
-                let keys = config.keys;
-                tokio::spawn(async move {
-                    let mut latencies = Vec::new();
-                    let mut errors = 0u64;
-                    let mut n = worker;
-                    while Instant::now() < deadline {
-                        let key = format!("bench-key-{:06}", n % keys);
-                        n += 7919;
-                        let start = Instant::now();
-                        let ok = match client.get(format!("{url}{key}")).send().await {
-                            Ok(r) => {
-                                r.status().is_success()
-                                    || r.status() == reqwest::StatusCode::NOT_FOUND
-                            }
-                            Err(_) => false,
-                        };
-                        if ok {
-                            latencies.push(start.elapsed());
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    (latencies, errors)
-                })
-            })
-            .collect();
-        let started = Instant::now();
-        let mut latencies = Vec::new();
-        let mut errors = 0;
-        for task in tasks {
-            let (l, e) = task.await.context("a bench worker failed")?;
-            latencies.extend(l);
-            errors += e;
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        latencies.sort_unstable();
-        let pct = |p: f64| {
-            latencies
-                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-        };
+        workload_row(&client, &base, workload, &path, &config).await?;
+    }
+    if let Some(guest) = &config.swap_guest {
+        let module =
+            std::fs::read(guest).with_context(|| format!("cannot read {}", guest.display()))?;
+        let swap = tokio::spawn(swap(
+            client.clone(),
+            base.clone(),
+            module,
+            config.token.clone(),
+            config.seconds,
+        ));
+        let path = format!("set?value={value}&key=");
+        workload_row(&client, &base, "set during swap", &path, &config).await?;
+        let (upload, everywhere) = swap.await.context("the swap task failed")??;
         println!(
-            "{workload:<18} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {errors:>8}",
-            latencies.len() as f64 / elapsed,
-            pct(0.50),
-            pct(0.99),
-            latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            "swap: leader answered after {upload:.1} ms; every member ran the new guest after {everywhere:.1} ms"
         );
     }
+    Ok(())
+}
+
+/// Deploys `module` halfway through the workload; returns the milliseconds
+/// until the leader answered and until every member reported the guest.
+async fn swap(
+    client: reqwest::Client,
+    base: String,
+    module: Vec<u8>,
+    token: Option<String>,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64)> {
+    tokio::time::sleep(Duration::from_millis(seconds * 500)).await;
+    let started = Instant::now();
+    let mut request = client.post(format!("{base}/guest?force=true")).body(module);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "the swap was refused: {}",
+        response.text().await?
+    );
+    let upload = started.elapsed().as_secs_f64() * 1e3;
+    let record: serde_json::Value = response.json().await?;
+    let status: serde_json::Value = client
+        .get(format!("{base}/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let members = status["members"].as_array().cloned().unwrap_or_default();
+    for member in members {
+        let url = format!(
+            "http://{}/status",
+            member["http"].as_str().unwrap_or_default()
+        );
+        loop {
+            let status: serde_json::Value = client.get(&url).send().await?.json().await?;
+            if status["guest"]["hash"] == record["hash"]
+                && status["guest"]["since"] == record["index"]
+            {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "{url} never ran the new guest"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    Ok((upload, started.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Runs one workload for `config.seconds` and prints its row.
+async fn workload_row(
+    client: &reqwest::Client,
+    base: &str,
+    workload: &str,
+    path: &str,
+    config: &BenchConfig,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(config.seconds);
+    let tasks: Vec<_> = (0..config.connections)
+        .map(|worker| {
+            let client = client.clone();
+            let url = format!("{base}/{path}");
+            let keys = config.keys;
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let mut n = worker;
+                while Instant::now() < deadline {
+                    let key = format!("bench-key-{:06}", n % keys);
+                    n += 7919;
+                    let start = Instant::now();
+                    let ok = match client.get(format!("{url}{key}")).send().await {
+                        Ok(r) => {
+                            r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND
+                        }
+                        Err(_) => false,
+                    };
+                    if ok {
+                        latencies.push(start.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (l, e) = task.await.context("a bench worker failed")?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "{workload:<18} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {errors:>8}",
+        latencies.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.99),
+        latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+    );
     Ok(())
 }
