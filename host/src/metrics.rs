@@ -30,8 +30,9 @@ impl Metrics {
         self.leader_changes.fetch_add(1, Relaxed);
     }
 
-    /// Renders every metric, with `extra` lines (gauges the caller knows).
-    pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
+    /// Renders every metric, with the `counters` and `gauges` (name, help,
+    /// value) that the caller knows.
+    pub fn render(&self, counters: &[(&str, &str, u64)], gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -82,7 +83,10 @@ impl Metrics {
             self.batch_ops.load(Relaxed)
         );
 
-        for (name, help, value) in extra {
+        for (name, help, value) in counters {
+            counter(&mut out, name, help, *value);
+        }
+        for (name, help, value) in gauges {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"

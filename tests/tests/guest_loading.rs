@@ -89,3 +89,20 @@ fn storage_failure_is_a_host_fault() {
     assert!(fault.0.contains("disk on fire"), "{fault}");
     assert!(instance.take_writes().is_empty());
 }
+
+#[test]
+fn bundled_guest_imports_only_the_world() {
+    let mut imports = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(BUNDLED_GUEST) {
+        if let wasmparser::Payload::ImportSection(reader) = payload.expect("valid module") {
+            for import in reader.into_imports() {
+                let import = import.expect("valid import");
+                imports.push(format!("{}#{}", import.module, import.name));
+            }
+        }
+    }
+    assert!(!imports.is_empty(), "the guest uses the store");
+    for import in &imports {
+        assert!(import.starts_with("raftwasm:state-machine/"), "unexpected import {import}");
+    }
+}

@@ -192,34 +192,56 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
     let applied = m.last_applied.map_or(0, |l| l.index);
     let purged = m.purged.map_or(0, |l| l.index);
     let guest_since = app.state.active().map_or(0, |g| g.since);
-    let mut out = app.metrics.render(&[
+    let stats = app.state.apply_stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let counters = [
         (
-            "raftwasm_guest_active_since_index",
-            "Log index from which the active guest runs.",
-            guest_since,
+            "raftwasm_applied_entries_total",
+            "Log entries applied by the state machine.",
+            load(&stats.entries),
         ),
         (
-            "raftwasm_is_leader",
-            "1 if this node is the leader.",
-            is_leader,
-        ),
-        ("raftwasm_term", "Current Raft term.", m.current_term),
-        (
-            "raftwasm_last_log_index",
-            "Index of the last log entry.",
-            last_log,
+            "raftwasm_applied_ops_total",
+            "Guest operations applied.",
+            load(&stats.ops),
         ),
         (
-            "raftwasm_applied_index",
-            "Index of the last applied entry.",
-            applied,
+            "raftwasm_apply_nanoseconds_total",
+            "Time spent applying entries (guest calls and the sled batch).",
+            load(&stats.nanos),
         ),
-        (
-            "raftwasm_log_entries",
-            "Entries in the log (not yet purged).",
-            last_log.saturating_sub(purged),
-        ),
-    ]);
+    ];
+    let mut out = app.metrics.render(
+        &counters,
+        &[
+            (
+                "raftwasm_guest_active_since_index",
+                "Log index from which the active guest runs.",
+                guest_since,
+            ),
+            (
+                "raftwasm_is_leader",
+                "1 if this node is the leader.",
+                is_leader,
+            ),
+            ("raftwasm_term", "Current Raft term.", m.current_term),
+            (
+                "raftwasm_last_log_index",
+                "Index of the last log entry.",
+                last_log,
+            ),
+            (
+                "raftwasm_applied_index",
+                "Index of the last applied entry.",
+                applied,
+            ),
+            (
+                "raftwasm_log_entries",
+                "Entries in the log (not yet purged).",
+                last_log.saturating_sub(purged),
+            ),
+        ],
+    );
     if let Some(guest) = app.state.active() {
         let m = &guest.module;
         let _ = writeln!(

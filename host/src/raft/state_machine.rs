@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -89,9 +90,26 @@ const QUERY_POOL: usize = 16;
 pub struct StateReader {
     state: SledState,
     active: Arc<RwLock<Option<Arc<ActiveGuest>>>>,
+    stats: Arc<ApplyStats>,
+}
+
+/// Counters of the apply path, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ApplyStats {
+    /// Log entries applied.
+    pub entries: AtomicU64,
+    /// Guest operations applied.
+    pub ops: AtomicU64,
+    /// Time spent in `apply`, including the sled batch, in nanoseconds.
+    pub nanos: AtomicU64,
 }
 
 impl StateReader {
+    /// Counters of the apply path.
+    pub fn apply_stats(&self) -> &ApplyStats {
+        &self.stats
+    }
+
     /// The active guest, if one has been installed.
     pub fn active(&self) -> Option<Arc<ActiveGuest>> {
         self.active
@@ -244,6 +262,7 @@ impl StateMachineStore {
         let reader = StateReader {
             state: SledState(tree.clone()),
             active: Arc::default(),
+            stats: Arc::default(),
         };
         let mut sm = Self {
             db: db.clone(),
@@ -519,6 +538,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = typ::Entry> + Send,
         I::IntoIter: Send,
     {
+        let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         let mut responses = Vec::new();
         for entry in entries {
@@ -549,8 +569,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         batch.insert(KEY_MEMBERSHIP, encode(&self.membership)?);
         batch.insert(KEY_TIME, encode(&self.time_ms)?);
         self.tree.apply_batch(batch).map_err(write_err)?;
+        let stats = &self.reader.stats;
+        stats.entries.fetch_add(responses.len() as u64, Relaxed);
+        let ops: usize = responses.iter().map(|r| r.results.len()).sum();
+        stats.ops.fetch_add(ops as u64, Relaxed);
+        stats
+            .nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         if let Some(applied) = self.applied {
-            tracing::debug!(index = applied.index, entries = responses.len(), "applied");
+            tracing::debug!(
+                index = applied.index,
+                entries = responses.len(),
+                ops,
+                "applied"
+            );
         }
         Ok(responses)
     }
