@@ -22,12 +22,17 @@ pub fn build_guest(crate_dir: &Path, wit_dir: &Path, wasm_name: &str) -> PathBuf
 
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     // <target>/<profile>/build/<pkg>-<hash>/out: keep guest builds beside the
-    // profile, so they are reused across the host's rebuilds.
+    // profile, so they are reused across the host's rebuilds. One directory
+    // per guest: a cdylib's artifacts carry no hash in their names, so two
+    // guests built with different features of a shared crate would clobber
+    // each other's files in one directory.
+    let crate_name = crate_dir.file_name().unwrap_or_default();
     let target_dir = out_dir
         .ancestors()
         .nth(3)
         .unwrap_or(&out_dir)
-        .join("guests");
+        .join("guests")
+        .join(crate_name);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
