@@ -2,8 +2,9 @@
 //! implementation of the guest's imports (`store` and `log`).
 //!
 //! Every store import goes through [`HostState`]: reads see the committed
-//! state under this call's and this batch's pending writes; writes go only to
-//! the pending overlay, which the caller commits or discards.
+//! state under the pending writes; writes go only to the pending overlay,
+//! which the caller commits. An undo log lets a failed call take back its
+//! own writes, so a write costs one overlay insert.
 
 use std::sync::Arc;
 
@@ -23,10 +24,10 @@ pub const MAX_SCAN_LIMIT: u32 = 10_000;
 pub struct HostState {
     /// The committed state.
     pub(super) base: Arc<dyn StateRead>,
-    /// Writes of earlier successful calls in the current batch.
+    /// Pending writes: earlier successful calls' and the current call's.
     pub(super) batch: Overlay,
-    /// Writes of the call in progress.
-    pub(super) call: Overlay,
+    /// What each write of the current call replaced in `batch`, in order.
+    pub(super) undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
     /// `true` during `query`: writes trap.
     pub(super) read_only: bool,
     /// A host-side failure (storage I/O) met during the call. It makes the
@@ -41,7 +42,7 @@ impl std::fmt::Debug for HostState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostState")
             .field("batch_writes", &self.batch.len())
-            .field("call_writes", &self.call.len())
+            .field("call_writes", &self.undo.len())
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
@@ -49,7 +50,7 @@ impl std::fmt::Debug for HostState {
 
 impl HostState {
     fn read(&mut self, key: &[u8]) -> wasmtime::Result<Option<Vec<u8>>> {
-        if let Some(pending) = self.call.get(key).or_else(|| self.batch.get(key)) {
+        if let Some(pending) = self.batch.get(key) {
             return Ok(pending.clone());
         }
         self.base.get(key).map_err(|e| self.host_fault(e))
@@ -61,8 +62,24 @@ impl HostState {
             self.violation = Some(message.to_owned());
             return Err(wasmtime::Error::msg(message));
         }
-        self.call.insert(key, value);
+        let previous = self.batch.insert(key.clone(), value);
+        self.undo.push((key, previous));
         Ok(())
+    }
+
+    /// Keeps the current call's writes.
+    pub(super) fn keep_call(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Takes back the current call's writes, newest first.
+    pub(super) fn undo_call(&mut self) {
+        for (key, previous) in self.undo.drain(..).rev() {
+            match previous {
+                Some(value) => self.batch.insert(key, value),
+                None => self.batch.remove(&key),
+            };
+        }
     }
 
     fn host_fault(&mut self, error: std::io::Error) -> wasmtime::Error {
@@ -102,13 +119,11 @@ impl raftwasm::state_machine::store::Host for HostState {
             end.clone()
                 .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded),
         );
-        // The pending writes in range, newest first, as one ordered view.
-        let mut pending: Overlay = self
+        let pending: Overlay = self
             .batch
-            .range(range.clone())
+            .range(range)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        pending.extend(self.call.range(range).map(|(k, v)| (k.clone(), v.clone())));
         // Each pending delete hides at most one committed entry, so this many
         // committed entries always cover the first `limit` visible ones.
         let tombstones = pending.values().filter(|v| v.is_none()).count();

@@ -491,7 +491,11 @@ impl GuestInstance {
         };
         let fuel_used = fuel - store.get_fuel().unwrap_or(0);
         let state = store.data_mut();
-        let call_writes = std::mem::take(&mut state.call);
+        if matches!(returned, Ok(Ok(_))) {
+            state.keep_call();
+        } else {
+            state.undo_call();
+        }
         if let Some(fault) = state.fault.take() {
             self.drop_instance();
             return Err(HostFault(fault));
@@ -504,11 +508,6 @@ impl GuestInstance {
                 Err(describe_failure(error, violation, fuel)?)
             }
         };
-        if result.is_ok()
-            && let Some(live) = &mut self.live
-        {
-            live.store.data_mut().batch.extend(call_writes);
-        }
         Ok(Outcome { result, fuel_used })
     }
 
@@ -519,7 +518,7 @@ impl GuestInstance {
             let state = HostState {
                 base: self.base.clone(),
                 batch: std::mem::take(&mut self.batch),
-                call: Overlay::new(),
+                undo: Vec::new(),
                 read_only: false,
                 fault: None,
                 violation: None,
