@@ -8,6 +8,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -62,14 +63,19 @@ impl CompileCache {
     }
 
     /// Stores `component` for `hash`, atomically (write then rename).
+    /// Concurrent stores of one module (the apply path and a background
+    /// compile) each write their own temporary file, so neither truncates
+    /// or renames away the other's, and the last rename wins.
     ///
     /// # Errors
     /// When the directory cannot be written; the caller may go on without it.
     pub fn store(&self, hash: &str, component: &Component) -> std::io::Result<()> {
+        static STORES: AtomicU64 = AtomicU64::new(0);
         let bytes = component.serialize().map_err(std::io::Error::other)?;
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path(hash);
-        let tmp = path.with_extension("tmp");
+        let unique = STORES.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{unique}.tmp", std::process::id()));
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
@@ -79,5 +85,45 @@ impl CompileCache {
     /// The cache directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several threads that compiled the same guest (the apply path and a
+    /// background compile, say) store it at once; every store succeeds and
+    /// leaves one loadable entry.
+    #[test]
+    fn concurrent_stores_of_one_guest_all_succeed() {
+        let engine = Engine::default();
+        // The smallest component: the preamble alone.
+        let component = Component::new(&engine, b"\0asm\x0d\0\x01\0").expect("compiles");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = CompileCache::new(dir.path(), &engine);
+        for round in 0..50 {
+            let hash = format!("{round:064x}");
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|scope| {
+                let stores: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            cache.store(&hash, &component)
+                        })
+                    })
+                    .collect();
+                for store in stores {
+                    store.join().expect("no panic").expect("the store succeeds");
+                }
+            });
+            assert!(cache.load(&engine, &hash).is_some(), "round {round}");
+        }
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("cache dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(files.len(), 50, "only complete entries remain: {files:?}");
     }
 }
