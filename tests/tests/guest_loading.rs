@@ -103,6 +103,9 @@ fn bundled_guest_imports_only_the_world() {
     }
     assert!(!imports.is_empty(), "the guest uses the store");
     for import in &imports {
-        assert!(import.starts_with("raftwasm:state-machine/"), "unexpected import {import}");
+        assert!(
+            import.starts_with("raftwasm:state-machine/"),
+            "unexpected import {import}"
+        );
     }
 }

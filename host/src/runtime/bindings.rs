@@ -20,6 +20,10 @@ wasmtime::component::bindgen!({
 /// scan's cost is bounded the same way on every replica.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
 
+/// A key written by the current call and the pending entry it replaced
+/// (`None`: the key had no pending entry).
+pub(super) type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
+
 /// The data of one wasmtime `Store`: the state a guest call works on.
 pub struct HostState {
     /// The committed state.
@@ -27,7 +31,7 @@ pub struct HostState {
     /// Pending writes: earlier successful calls' and the current call's.
     pub(super) batch: Overlay,
     /// What each write of the current call replaced in `batch`, in order.
-    pub(super) undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    pub(super) undo: Vec<Undo>,
     /// `true` during `query`: writes trap.
     pub(super) read_only: bool,
     /// A host-side failure (storage I/O) met during the call. It makes the
