@@ -233,8 +233,8 @@ impl TestCluster {
         .await
     }
 
-    /// Waits until `n` voters are in the membership seen by node 0... or by
-    /// any running node.
+    /// Waits until every running node sees `n` voters and no membership
+    /// change in progress.
     pub async fn wait_for_voters(&self, n: usize) -> anyhow::Result<()> {
         self.wait_for("all nodes to be voters", || async {
             for (i, node) in self.nodes.iter().enumerate() {
@@ -246,6 +246,10 @@ impl TestCluster {
                     .as_array()
                     .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
                 anyhow::ensure!(voters == n, "node {i} sees {voters} voters");
+                anyhow::ensure!(
+                    status["membership_changing"] == false,
+                    "node {i} is between two memberships"
+                );
             }
             Ok(())
         })

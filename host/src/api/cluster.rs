@@ -177,6 +177,7 @@ pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "snapshot": metrics.snapshot.map(|l| l.index),
         "purged": metrics.purged.map(|l| l.index),
         "members": members,
+        "membership_changing": membership.is_in_joint_consensus(),
         "replication": replication,
         "guest": guest,
         "state_hash": app.state.state_hash().ok(),
