@@ -151,14 +151,7 @@ pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         })
         .collect();
     let (leader, leader_addr) = app.leader();
-    let guest = app.state.active().map(|g| {
-        serde_json::json!({
-            "name": g.module.name(),
-            "version": g.module.version().to_string(),
-            "hash": g.module.hash(),
-            "since": g.since,
-        })
-    });
+    let guest = app.state.active().map(|g| g.describe());
     let replication: Option<BTreeMap<NodeId, Option<u64>>> =
         metrics.replication.as_ref().map(|r| {
             r.iter()
@@ -177,7 +170,7 @@ pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "snapshot": metrics.snapshot.map(|l| l.index),
         "purged": metrics.purged.map(|l| l.index),
         "members": members,
-        "membership_changing": membership.is_in_joint_consensus(),
+        "membership_changing": membership.get_joint_config().len() > 1,
         "replication": replication,
         "guest": guest,
         "state_hash": app.state.state_hash().ok(),

@@ -9,13 +9,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, Method, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 
 use super::query::Params;
-use super::{ApiError, forward_or, require_token};
+use super::{ApiError, Relay, require_token};
 use crate::node::App;
 use crate::raft::Op;
 use crate::raft::state_machine::SwapRecord;
@@ -40,28 +39,13 @@ pub async fn deploy(app: &App, module: Vec<u8>, force: bool) -> Result<SwapRecor
         .await
         .map_err(|e| ApiError::Internal(format!("validating the module: {e}")))?
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if !force && let Some(active) = app.state.active() {
-        let old = &active.module;
-        if old.name() != loaded.name() {
-            return Err(ApiError::Conflict(
-                format!(
-                    "the active guest is `{}`; deploying `{}` over it needs force=true",
-                    old.name(),
-                    loaded.name()
-                )
-                .into_bytes(),
-            ));
-        }
-        if loaded.version() <= old.version() {
-            return Err(ApiError::Conflict(
-                format!(
-                    "version {} is not higher than the active {}; raise the version or use force=true",
-                    loaded.version(),
-                    old.version()
-                )
-                .into_bytes(),
-            ));
-        }
+    if !force
+        && let Some(active) = app.state.active()
+        && let Err(refusal) = loaded.may_replace(&active.module)
+    {
+        return Err(ApiError::Conflict(
+            format!("{refusal} (force=true)").into_bytes(),
+        ));
     }
 
     let staged = app.batcher.write(Op::StageGuest { module }).await?;
@@ -77,11 +61,9 @@ pub async fn deploy(app: &App, module: Vec<u8>, force: bool) -> Result<SwapRecor
 /// (index, name, version, hash) once every replica runs it from that index.
 pub async fn upload(
     State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    relay: Relay,
 ) -> Response {
     let run = async {
         require_token(&app, &headers)?;
@@ -93,25 +75,16 @@ pub async fn upload(
                 leader: app.leader().1,
             });
         }
-        deploy(&app, body.to_vec(), force).await
+        deploy(&app, relay.body.to_vec(), force).await.map(Json)
     };
-    match run.await {
-        Ok(record) => Json(record).into_response(),
-        // A follower always passes an upload on to the leader.
-        Err(error) => forward_or(&app, error, true, &method, &uri, &headers, body).await,
-    }
+    let result = run.await;
+    // A follower always passes an upload on to the leader.
+    relay.answer(&app, true, result).await
 }
 
 /// `GET /guest`: the active guest and every swap so far.
 pub async fn show(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let active = app.state.active().map(|g| {
-        serde_json::json!({
-            "name": g.module.name(),
-            "version": g.module.version().to_string(),
-            "hash": g.module.hash(),
-            "since": g.since,
-        })
-    });
+    let active = app.state.active().map(|g| g.describe());
     let history = app
         .state
         .guest_history()

@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, Method, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use guest_kv::command::{Command, Response as KvResponse};
 
 use super::query::Params;
-use super::{ApiError, MAX_KEY, MAX_VALUE, forward_or};
+use super::{ApiError, MAX_KEY, MAX_VALUE, Relay};
 use crate::node::App;
 use crate::raft::Op;
 use crate::raft::batcher::now_ms;
@@ -189,18 +188,12 @@ fn decode(answer: &[u8]) -> Result<KvResponse, ApiError> {
 }
 
 /// `/set?key=K&value=V[&ttl=SECONDS|&ttl_ms=MS]` (or the value as POST body).
-pub async fn set(
-    State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
+pub async fn set(State(app): State<Arc<App>>, RawQuery(query): RawQuery, relay: Relay) -> Response {
+    let body = &relay.body;
     let run = async {
         let params = Params::parse(query.as_deref())?;
         let key = key(&params)?;
-        let value = value(&params, "value", &body)?
+        let value = value(&params, "value", body)?
             .ok_or_else(|| ApiError::BadRequest("missing parameter `value`".into()))?;
         let command = Command::Set {
             key,
@@ -214,10 +207,8 @@ pub async fn set(
             ))),
         }
     };
-    match run.await {
-        Ok(ok) => ok.into_response(),
-        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
-    }
+    let result = run.await;
+    relay.answer(&app, false, result).await
 }
 
 /// `/get?key=K[&consistency=…]`: the value, or 404 with an empty body.
@@ -240,11 +231,8 @@ pub async fn get(
 /// `/delete?key=K`: `ok` if the key existed, 404 if it did not.
 pub async fn delete(
     State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    relay: Relay,
 ) -> Response {
     let run = async {
         let params = Params::parse(query.as_deref())?;
@@ -257,10 +245,8 @@ pub async fn delete(
             ))),
         }
     };
-    match run.await {
-        Ok(ok) => ok.into_response(),
-        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
-    }
+    let result = run.await;
+    relay.answer(&app, false, result).await
 }
 
 /// `/cas?key=K&value=NEW[&expected=OLD][&ttl=…]`: stores NEW only if the
@@ -268,15 +254,13 @@ pub async fn delete(
 /// `ok` when swapped; 409 with the current value when not.
 pub async fn compare_and_set(
     State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    relay: Relay,
 ) -> Response {
+    let body = &relay.body;
     let run = async {
         let params = Params::parse(query.as_deref())?;
-        let value = value(&params, "value", &body)?
+        let value = value(&params, "value", body)?
             .ok_or_else(|| ApiError::BadRequest("missing parameter `value`".into()))?;
         let command = Command::CompareAndSet {
             key: key(&params)?,
@@ -294,25 +278,15 @@ pub async fn compare_and_set(
             ))),
         }
     };
-    match run.await {
-        Ok(ok) => ok.into_response(),
-        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
-    }
+    let result = run.await;
+    relay.answer(&app, false, result).await
 }
 
 /// `POST /apply` with the guest's command bytes as body: the guest's answer
 /// bytes, or 422 with its refusal.
-pub async fn apply(
-    State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match write(&app, body.to_vec()).await {
-        Ok(answer) => answer.into_response(),
-        Err(error) => forward_or(&app, error, false, &method, &uri, &headers, body).await,
-    }
+pub async fn apply(State(app): State<Arc<App>>, relay: Relay) -> Response {
+    let result = write(&app, relay.body.to_vec()).await;
+    relay.answer(&app, false, result).await
 }
 
 /// `POST /query[?consistency=…]` with the guest's request bytes as body.

@@ -187,47 +187,87 @@ pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Relays a request this node cannot serve to the leader, when `always` or
-/// with `--forward-writes`; otherwise answers `error`.
-pub(crate) async fn forward_or(
-    app: &App,
-    error: ApiError,
-    always: bool,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Response {
-    let ApiError::NotLeader {
-        leader: Some(leader),
-        ..
-    } = &error
-    else {
-        return error.into_response();
-    };
-    if !always && !app.config.forward_writes {
-        return error.into_response();
+/// A request that may have to be relayed to the leader: what a follower
+/// needs to send it on (method, path and query, authorization, body).
+#[derive(Debug)]
+pub struct Relay {
+    method: Method,
+    uri: Uri,
+    authorization: Option<HeaderValue>,
+    /// The request body.
+    pub body: Bytes,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Relay {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        let body = <Bytes as axum::extract::FromRequest<S>>::from_request(
+            axum::extract::Request::from_parts(parts.clone(), body),
+            state,
+        )
+        .await
+        .map_err(IntoResponse::into_response)?;
+        Ok(Self {
+            method: parts.method,
+            uri: parts.uri,
+            authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+            body,
+        })
     }
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = format!("http://{leader}{path}");
-    let mut request = app.http.request(method.clone(), &url).body(body);
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        request = request.header(header::AUTHORIZATION, auth.clone());
-    }
-    match request.send().await {
-        Ok(answer) => {
-            let status =
-                StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            match answer.bytes().await {
-                Ok(bytes) => (status, bytes).into_response(),
-                Err(e) => ApiError::Unknown(format!(
-                    "the leader's answer was lost ({e}); check before retrying"
-                ))
-                .into_response(),
+}
+
+impl Relay {
+    /// Answers `result`; a not-leader error is instead relayed to the leader
+    /// when `always` or with `--forward-writes`, and the leader's answer
+    /// returned as it is.
+    pub async fn answer(
+        self,
+        app: &App,
+        always: bool,
+        result: Result<impl IntoResponse, ApiError>,
+    ) -> Response {
+        let error = match result {
+            Ok(ok) => return ok.into_response(),
+            Err(error) => error,
+        };
+        let ApiError::NotLeader {
+            leader: Some(leader),
+            ..
+        } = &error
+        else {
+            return error.into_response();
+        };
+        if !always && !app.config.forward_writes {
+            return error.into_response();
+        }
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let url = format!("http://{leader}{path}");
+        let mut request = app.http.request(self.method, &url).body(self.body);
+        if let Some(auth) = self.authorization {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        match request.send().await {
+            Ok(answer) => {
+                let status = StatusCode::from_u16(answer.status().as_u16())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                match answer.bytes().await {
+                    Ok(bytes) => (status, bytes).into_response(),
+                    Err(e) => ApiError::Unknown(format!(
+                        "the leader's answer was lost ({e}); check before retrying"
+                    ))
+                    .into_response(),
+                }
+            }
+            Err(e) => {
+                ApiError::Unavailable(format!("cannot forward to the leader at {leader}: {e}"))
+                    .into_response()
             }
         }
-        Err(e) => ApiError::Unavailable(format!("cannot forward to the leader at {leader}: {e}"))
-            .into_response(),
     }
 }
 

@@ -81,6 +81,18 @@ pub struct ActiveGuest {
     queries: Mutex<Vec<GuestInstance>>,
 }
 
+impl ActiveGuest {
+    /// The guest as `/status` and `GET /guest` show it.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.module.name(),
+            "version": self.module.version().to_string(),
+            "hash": self.module.hash(),
+            "since": self.since,
+        })
+    }
+}
+
 /// How many idle query instances are kept per guest.
 const QUERY_POOL: usize = 16;
 
@@ -459,22 +471,11 @@ impl StateMachineStore {
             Err(e) => return Ok(Err(e.to_string())),
         };
         let previous = self.reader.active();
-        if !force && let Some(previous) = &previous {
-            let (old, new) = (&previous.module, &loaded);
-            if old.name() != new.name() {
-                return Ok(Err(format!(
-                    "the active guest is `{}`; replacing it with `{}` needs force",
-                    old.name(),
-                    new.name()
-                )));
-            }
-            if new.version() <= old.version() {
-                return Ok(Err(format!(
-                    "version {} is not higher than the active {}; raise the version or force the swap",
-                    new.version(),
-                    old.version()
-                )));
-            }
+        if !force
+            && let Some(previous) = &previous
+            && let Err(refusal) = loaded.may_replace(&previous.module)
+        {
+            return Ok(Err(refusal));
         }
 
         // The writes of earlier commands in this apply call move to the new

@@ -332,6 +332,29 @@ impl GuestModule {
         &self.version
     }
 
+    /// The version guard of a hot swap: this module may replace `active`
+    /// only if it has the same name and a higher version (unless forced).
+    ///
+    /// # Errors
+    /// Why the swap needs force.
+    pub fn may_replace(&self, active: &GuestModule) -> Result<(), String> {
+        if self.name() != active.name() {
+            return Err(format!(
+                "the active guest is `{}`; replacing it with `{}` needs force",
+                active.name(),
+                self.name()
+            ));
+        }
+        if self.version() <= active.version() {
+            return Err(format!(
+                "version {} is not higher than the active {}; raise the version or force the swap",
+                self.version(),
+                active.version()
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the guest exports the migration hook.
     pub fn has_migrate(&self) -> bool {
         self.has_migrate
