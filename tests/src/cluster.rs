@@ -276,6 +276,24 @@ impl TestCluster {
         .await
     }
 
+    /// Waits until every running node reports the same state hash.
+    pub async fn wait_for_same_state(&self) -> anyhow::Result<()> {
+        self.wait_for("the same state on every node", || async {
+            let mut hashes = Vec::new();
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.is_running() {
+                    hashes.push(self.status(i).await?["state_hash"].clone());
+                }
+            }
+            anyhow::ensure!(
+                hashes.iter().all(|h| !h.is_null() && *h == hashes[0]),
+                "state hashes {hashes:?}"
+            );
+            Ok(())
+        })
+        .await
+    }
+
     /// Polls `check` every 50 ms until it succeeds or [`DEADLINE`] passes;
     /// the error then names what was awaited and the last failure seen.
     pub async fn wait_for<T, F, Fut>(&self, what: &str, mut check: F) -> anyhow::Result<T>

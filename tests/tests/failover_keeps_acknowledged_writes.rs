@@ -201,24 +201,5 @@ async fn acknowledged_writes_survive_killing_the_leader_mid_write() -> anyhow::R
             .is_some_and(|p| Some(p) != old_pid)
     );
     wait_for_acks(&cluster, &acks).await?;
-    cluster
-        .wait_for("the same state on every node", || async {
-            let hashes: Vec<_> = state_hashes(&cluster).await?;
-            anyhow::ensure!(
-                hashes.iter().all(|h| !h.is_null() && *h == hashes[0]),
-                "state hashes {hashes:?}"
-            );
-            Ok(())
-        })
-        .await?;
-    Ok(())
-}
-
-/// Every node's `state_hash`.
-async fn state_hashes(cluster: &TestCluster) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut hashes = Vec::new();
-    for i in 0..cluster.nodes.len() {
-        hashes.push(cluster.status(i).await?["state_hash"].clone());
-    }
-    Ok(hashes)
+    cluster.wait_for_same_state().await
 }

@@ -86,19 +86,7 @@ async fn assert_cluster_kept(
             })
             .await?;
     }
-    cluster
-        .wait_for("the same state on every node", || async {
-            let mut hashes = Vec::new();
-            for i in 0..cluster.nodes.len() {
-                hashes.push(cluster.status(i).await?["state_hash"].clone());
-            }
-            anyhow::ensure!(
-                hashes.iter().all(|h| !h.is_null() && *h == hashes[0]),
-                "state hashes {hashes:?}"
-            );
-            Ok(())
-        })
-        .await?;
+    cluster.wait_for_same_state().await?;
     assert_eq!(
         cluster.get(leader, "/set?key=after&value=restart").await?,
         (200, "ok".into())

@@ -74,7 +74,7 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
         "the follower shows snapshot {snapshot:?}, but it went down at index {last_index}"
     );
 
-    assert_same_state(&cluster).await?;
+    cluster.wait_for_same_state().await?;
 
     // The installed snapshot is durable: killed again, the follower comes
     // back with every key, and then follows the log as usual.
@@ -91,22 +91,5 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
             .await?;
         assert_eq!(answer, (200, format!("value-{n}")), "key-{n}");
     }
-    assert_same_state(&cluster).await
-}
-
-/// Waits until every node reports the same state hash.
-async fn assert_same_state(cluster: &TestCluster) -> anyhow::Result<()> {
-    cluster
-        .wait_for("the same state on every node", || async {
-            let mut hashes = Vec::new();
-            for i in 0..cluster.nodes.len() {
-                hashes.push(cluster.status(i).await?["state_hash"].clone());
-            }
-            anyhow::ensure!(
-                hashes.iter().all(|h| !h.is_null() && *h == hashes[0]),
-                "state hashes {hashes:?}"
-            );
-            Ok(())
-        })
-        .await
+    cluster.wait_for_same_state().await
 }
