@@ -230,3 +230,59 @@ async fn custom_guest_serves_its_own_commands() -> anyhow::Result<()> {
     assert_eq!(accounts.text().await?, "alice 70\nbob 30\n");
     Ok(())
 }
+
+#[tokio::test]
+async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &["--snapshot-entries=20", "--keep-entries=5"]).await?;
+    let leader = cluster.leader().await?;
+    let down = (leader + 1) % 3;
+    let last_index = cluster.status(down).await?["last_log_index"]
+        .as_u64()
+        .unwrap_or(0);
+    cluster.kill(down);
+
+    let response = cluster
+        .post(leader, "/guest", KV_NEXT_GUEST.to_vec())
+        .await?;
+    assert_eq!(response.status().as_u16(), 200);
+    let record: serde_json::Value = response.json().await?;
+    let hash = record["hash"].as_str().expect("hash").to_owned();
+    // Enough single-entry writes that the log the node misses is purged.
+    for n in 0..60 {
+        let answer = cluster.post(leader, "/apply", incr("counter")).await?;
+        assert_eq!(answer.text().await?, (n + 1).to_string());
+    }
+    cluster
+        .wait_for(
+            "the leader to purge what the stopped node misses",
+            || async {
+                let purged = cluster.status(leader).await?["purged"].as_u64();
+                anyhow::ensure!(
+                    purged.is_some_and(|p| p > last_index),
+                    "purged up to {purged:?}"
+                );
+                Ok(())
+            },
+        )
+        .await?;
+
+    cluster.spawn(down, &[])?;
+    wait_for_guest_everywhere(&cluster, &hash).await?;
+    let status = cluster.status(down).await?;
+    assert!(
+        status["snapshot"].as_u64().is_some_and(|s| s > last_index),
+        "the node caught up by snapshot: {status}"
+    );
+    assert_eq!(status["guest"]["since"], record["index"]);
+    assert_eq!(
+        cluster
+            .get(down, "/get?key=counter&consistency=stale")
+            .await?,
+        (200, "60".into())
+    );
+    // It applies new entries with the new guest.
+    let next = cluster.post(leader, "/apply", incr("counter")).await?;
+    assert_eq!(next.text().await?, "61");
+    cluster.wait_for_value("counter", "61").await?;
+    Ok(())
+}
