@@ -130,7 +130,6 @@ pub async fn run(
         None => {
             let id = config.id.unwrap_or_else(random_id);
             log_store.save_node_id(id).await?;
-            db.flush_async().await?;
             id
         }
     };
