@@ -286,3 +286,18 @@ async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> anyhow::Result
     cluster.wait_for_value("counter", "61").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn bootstrap_installs_the_guest_given_with_the_guest_flag() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new();
+    cluster.add_node(&[]);
+    let file = cluster.nodes[0].dir.with_extension("ledger.wasm");
+    std::fs::write(&file, LEDGER_GUEST)?;
+    let guest = format!("--guest={}", file.display());
+    cluster.spawn(0, &["--bootstrap", &guest])?;
+    cluster.wait_for_guest(0).await?;
+    assert_eq!(cluster.status(0).await?["guest"]["name"], "ledger");
+    let opened = cluster.post(0, "/apply", "open carol 5".into()).await?;
+    assert_eq!(opened.text().await?, "opened carol");
+    Ok(())
+}
