@@ -28,6 +28,23 @@ async fn hashes_and_guests(
     Ok(out)
 }
 
+/// Deploys `module` through node `i`; the swap record and the new hash.
+async fn deploy(
+    cluster: &TestCluster,
+    i: usize,
+    module: &[u8],
+) -> anyhow::Result<(serde_json::Value, String)> {
+    let response = cluster.post(i, "/guest", module.to_vec()).await?;
+    anyhow::ensure!(
+        response.status().as_u16() == 200,
+        "deploy answered {}",
+        response.status()
+    );
+    let record: serde_json::Value = response.json().await?;
+    let hash = record["hash"].as_str().unwrap_or_default().to_owned();
+    Ok((record, hash))
+}
+
 /// Waits until every running node runs `hash` and holds the same state.
 async fn wait_for_guest_everywhere(cluster: &TestCluster, hash: &str) -> anyhow::Result<()> {
     cluster
@@ -64,14 +81,9 @@ async fn guest_swap_switches_every_node_at_one_index() -> anyhow::Result<()> {
     assert_eq!(refused.status().as_u16(), 422, "the old guest has no incr");
 
     // Deployed through a follower, which passes it to the leader.
-    let response = cluster
-        .post(follower, "/guest", KV_NEXT_GUEST.to_vec())
-        .await?;
-    assert_eq!(response.status().as_u16(), 200);
-    let record: serde_json::Value = response.json().await?;
+    let (record, hash) = deploy(&cluster, follower, KV_NEXT_GUEST).await?;
     assert_eq!(record["name"], "guest-kv");
     assert_eq!(record["version"], "0.2.0");
-    let hash = record["hash"].as_str().expect("hash").to_owned();
     assert_ne!(before["hash"], hash.as_str(), "the guest really changed");
 
     wait_for_guest_everywhere(&cluster, &hash).await?;
@@ -173,12 +185,7 @@ async fn guest_swap_reaches_node_that_was_down() -> anyhow::Result<()> {
     cluster.wait_for_value("before", "1").await?;
     cluster.kill(down);
 
-    let response = cluster
-        .post(leader, "/guest", KV_NEXT_GUEST.to_vec())
-        .await?;
-    assert_eq!(response.status().as_u16(), 200);
-    let record: serde_json::Value = response.json().await?;
-    let hash = record["hash"].as_str().expect("hash").to_owned();
+    let (record, hash) = deploy(&cluster, leader, KV_NEXT_GUEST).await?;
     let counted = cluster.post(leader, "/apply", incr("after")).await?;
     assert_eq!(counted.text().await?, "1");
 
@@ -241,12 +248,7 @@ async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> anyhow::Result
         .unwrap_or(0);
     cluster.kill(down);
 
-    let response = cluster
-        .post(leader, "/guest", KV_NEXT_GUEST.to_vec())
-        .await?;
-    assert_eq!(response.status().as_u16(), 200);
-    let record: serde_json::Value = response.json().await?;
-    let hash = record["hash"].as_str().expect("hash").to_owned();
+    let (record, hash) = deploy(&cluster, leader, KV_NEXT_GUEST).await?;
     // Enough single-entry writes that the log the node misses is purged.
     for n in 0..60 {
         let answer = cluster.post(leader, "/apply", incr("counter")).await?;
