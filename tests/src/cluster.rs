@@ -173,7 +173,12 @@ impl TestCluster {
         Ok((response.status().as_u16(), response.text().await?))
     }
 
-    /// `POST http://<node i><path>` with `body`.
+    /// `POST http://<node i><path>` with `body`, on a connection of its own.
+    ///
+    /// A node refuses an oversized body as soon as it sees its length and
+    /// closes the connection without reading the rest; a pooled connection
+    /// would then fail the next request with a broken pipe. So posts are
+    /// never kept alive.
     pub async fn post(
         &self,
         i: usize,
@@ -181,7 +186,11 @@ impl TestCluster {
         body: Vec<u8>,
     ) -> anyhow::Result<reqwest::Response> {
         let url = format!("http://{}{path}", self.nodes[i].http);
-        Ok(self.client.post(&url).body(body).send().await?)
+        let request = self
+            .client
+            .post(&url)
+            .header(reqwest::header::CONNECTION, "close");
+        Ok(request.body(body).send().await?)
     }
 
     /// Node `i`'s `/status`.
