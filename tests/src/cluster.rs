@@ -193,9 +193,9 @@ impl TestCluster {
         Ok(request.body(body).send().await?)
     }
 
-    /// Node `i`'s `/status`.
+    /// Node `i`'s `/status`, with its state hash.
     pub async fn status(&self, i: usize) -> anyhow::Result<serde_json::Value> {
-        let (code, body) = self.get(i, "/status").await?;
+        let (code, body) = self.get(i, "/status?state_hash=true").await?;
         anyhow::ensure!(code == 200, "status answered {code}: {body}");
         Ok(serde_json::from_str(&body)?)
     }

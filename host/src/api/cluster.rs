@@ -137,7 +137,16 @@ struct Member {
 }
 
 /// `GET /status`: this node's view of the cluster, as JSON.
-pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+///
+/// `state_hash` (a SHA-256 over every key and value, equal on replicas with
+/// equal state) reads the whole state, so it is computed only when asked for
+/// with `?state_hash=true`; otherwise it is null.
+pub async fn status(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let params = Params::parse(query.as_deref())?;
+    let with_hash = matches!(params.text("state_hash")?, Some("true" | "1"));
     let metrics = app.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -158,7 +167,7 @@ pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
                 .map(|(id, log)| (*id, log.map(|l| l.index)))
                 .collect()
         });
-    Json(serde_json::json!({
+    Ok(Json(serde_json::json!({
         "id": app.id,
         "role": format!("{:?}", metrics.state).to_lowercase(),
         "term": metrics.current_term,
@@ -173,8 +182,8 @@ pub async fn status(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "membership_changing": membership.get_joint_config().len() > 1,
         "replication": replication,
         "guest": guest,
-        "state_hash": app.state.state_hash().ok(),
-    }))
+        "state_hash": with_hash.then(|| app.state.state_hash().ok()).flatten(),
+    })))
 }
 
 /// `GET /metrics`: Prometheus text format.
