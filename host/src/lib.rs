@@ -6,7 +6,7 @@
 //! - [`raft`]: openraft types, sled storage, the peer transport.
 //!
 //! The write path:
-//! `/set -> batcher -> Raft::client_write -> replicate -> commit -> StateMachine::apply -> guest apply -> sled batch`.
+//! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
 
 pub mod api;
 pub mod bench;

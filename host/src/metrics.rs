@@ -2,11 +2,60 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use crate::raft::batcher::BatchObserver;
 
 /// Bucket bounds (upper, inclusive) for batch sizes.
 const BATCH_BUCKETS: [u64; 8] = [1, 4, 16, 64, 128, 256, 512, 1024];
+
+/// Upper bounds of the latency buckets, in microseconds: 50 µs doubling to
+/// about 0.8 s, fine enough to tell a page-cache sync from a disk flush.
+const LATENCY_BOUNDS_US: [u64; 15] = [
+    50, 100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 51_200, 102_400, 204_800, 409_600,
+    819_200,
+];
+
+/// A latency histogram in the Prometheus sense (cumulative buckets, sum and
+/// count), updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Counts one event that took `elapsed`.
+    pub fn observe(&self, elapsed: Duration) {
+        let micros = elapsed.as_micros() as u64;
+        if let Some(bucket) = LATENCY_BOUNDS_US.iter().position(|&b| micros <= b) {
+            self.buckets[bucket].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
+    }
+
+    /// How many events were observed.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Appends the histogram as `name` (in seconds) with its help text.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BOUNDS_US.iter().zip(&self.buckets) {
+            cumulative += count.load(Relaxed);
+            let seconds = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{seconds}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
 
 /// The node's counters. All updates are relaxed atomics: cheap on the hot path.
 #[derive(Debug, Default)]

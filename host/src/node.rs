@@ -14,6 +14,7 @@ use crate::api;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::raft::batcher::Batcher;
+use crate::raft::disk::Disk;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
 use crate::raft::read_barrier::ReadBarrier;
@@ -120,11 +121,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.node)
         .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
-    let db = sled::Config::new()
-        .path(config.node.join("db"))
-        .open()
+    let disk = Disk::open(&config.node.join("db"))
         .with_context(|| format!("cannot open the database in {}", config.node.display()))?;
-    let log_store = LogStore::open(&db)?;
+    let log_store = LogStore::open(&disk)?;
     let id = match log_store.node_id()? {
         Some(id) => id,
         None => {
@@ -145,7 +144,7 @@ pub async fn run(
         }
         None => BUNDLED_GUEST.to_vec(),
     };
-    let state_machine = StateMachineStore::open(&db, runtime.clone())?;
+    let state_machine = StateMachineStore::open(&disk, runtime.clone())?;
     let state = state_machine.reader();
 
     let addrs = NodeInfo {
@@ -225,7 +224,7 @@ pub async fn run(
     let served = server.with_graceful_shutdown(shutdown).await;
     cancel.cancel();
     let _ = raft.shutdown().await;
-    db.flush_async().await?;
+    disk.flush().await?;
     served.context("the http server failed")
 }
 

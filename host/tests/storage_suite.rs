@@ -1,6 +1,7 @@
 //! openraft's storage conformance suite on the sled log store and state
 //! machine.
 
+use raftwasm::raft::disk::Disk;
 use raftwasm::raft::log_store::LogStore;
 use raftwasm::raft::state_machine::StateMachineStore;
 use raftwasm::raft::{TypeConfig, typ};
@@ -17,9 +18,9 @@ impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, te
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), typ::StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled opens");
-        let log = LogStore::open(&db)?;
-        let sm = StateMachineStore::open(&db, self.runtime.clone())?;
+        let disk = Disk::open(dir.path()).expect("sled opens");
+        let log = LogStore::open(&disk)?;
+        let sm = StateMachineStore::open(&disk, self.runtime.clone())?;
         Ok((dir, log, sm))
     }
 }

@@ -210,7 +210,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
         ),
         (
             "raftwasm_apply_nanoseconds_total",
-            "Time spent applying entries (guest calls and the sled batch).",
+            "Time spent applying entries (guest calls and the sled writes).",
             load(&stats.nanos),
         ),
     ];
@@ -244,6 +244,16 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
                 last_log.saturating_sub(purged),
             ),
         ],
+    );
+    app.log.disk().flushes().render(
+        &mut out,
+        "raftwasm_disk_flush_duration_seconds",
+        "Synced writes of the node's database (one per appended batch of log entries, plus votes, truncations, purges and snapshots), and how long each took.",
+    );
+    stats.latency.render(
+        &mut out,
+        "raftwasm_apply_duration_seconds",
+        "Calls of the state machine's apply (one or more committed entries through the guest, and their writes), and how long each took.",
     );
     if let Some(guest) = app.state.active() {
         let m = &guest.module;

@@ -1,6 +1,12 @@
 //! `LogStore`: the Raft log, the vote, the committed log id and the node id,
 //! kept in two trees of the node's one sled database so that a single flush
 //! also covers the state machine's trees.
+//!
+//! Writes are plain sled inserts and removes, never `apply_batch`: a batch
+//! costs two extra synced writes and takes sled's process-wide write lock.
+//! sled recovers a prefix of the writes made before a crash, which is all the
+//! log needs: an append is acknowledged only after its flush, and removals
+//! run from the end that keeps the log contiguous.
 #![allow(
     clippy::result_large_err,
     reason = "openraft's StorageError is the error type its storage traits require"
@@ -8,12 +14,15 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
+use super::disk::Disk;
 use super::{NodeId, TypeConfig, typ};
 
 /// Tree holding the log: key is the entry's index as `u64` big-endian (so
@@ -34,11 +43,13 @@ type ToIoError = fn(AnyError) -> StorageIOError<NodeId>;
 /// openraft's log storage on sled.
 ///
 /// Guarantees openraft relies on:
-/// - `append` and `save_vote` report success only after `flush_async` of
+/// - `append` and `save_vote` report success only after [`Disk::flush`] of
 ///   the whole database, so an acknowledged entry or vote survives a crash.
+///   That flush is the only synced write of an append.
 /// - The log has no holes: `purge` records `last_purged` (and flushes it)
-///   before it deletes entries, and `open` finishes a purge that a crash
-///   interrupted; `truncate` only ever removes a suffix.
+///   before it deletes entries front to back, and `open` finishes a purge
+///   that a crash interrupted; `truncate` removes a suffix back to front.
+/// - `save_committed` does not sync: the next append covers it.
 /// - `get_log_state` reports `last_log_id = last_purged` when the log holds
 ///   no entry after the purge point.
 ///
@@ -46,9 +57,12 @@ type ToIoError = fn(AnyError) -> StorageIOError<NodeId>;
 /// which stops the Raft node: it never turns into an acknowledgement.
 #[derive(Debug, Clone)]
 pub struct LogStore {
-    db: sled::Db,
+    disk: Disk,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Counts appends whose flush has completed, so the batcher can propose
+    /// the next entry as soon as the previous one is durable here.
+    appends_flushed: Arc<watch::Sender<u64>>,
 }
 
 /// A read-only view of the log for openraft's replication tasks; cloning it
@@ -67,7 +81,17 @@ impl LogStore {
         committed.flatten().map(|log_id| log_id.index)
     }
 
-    /// Opens (or creates) the log trees in `db`.
+    /// A receiver of the number of appends flushed so far by this store.
+    pub fn appends_flushed(&self) -> watch::Receiver<u64> {
+        self.appends_flushed.subscribe()
+    }
+
+    /// How long this node's flushes took.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Opens (or creates) the log trees in `disk`.
     ///
     /// The state machine keeps its own trees in the same `db`, so one flush
     /// makes both durable. If a crash interrupted a purge, the entries it
@@ -77,18 +101,20 @@ impl LogStore {
     ///
     /// A storage error when sled cannot open the trees or the stored
     /// `last_purged` cannot be read.
-    pub fn open(db: &sled::Db) -> Result<Self, typ::StorageError> {
+    pub fn open(disk: &Disk) -> Result<Self, typ::StorageError> {
         let open_tree = |name: &str| {
-            db.open_tree(name)
+            disk.db()
+                .open_tree(name)
                 .map_err(|e| StorageIOError::<NodeId>::read(&e))
         };
         let store = Self {
-            db: db.clone(),
+            disk: disk.clone(),
             log: open_tree(LOG_TREE)?,
             meta: open_tree(META_TREE)?,
+            appends_flushed: Arc::new(watch::Sender::new(0)),
         };
         if let Some(purged) = store.last_purged()? {
-            delete_range(&store.log, ..=purged.index, StorageIOError::write_logs)?;
+            delete_prefix(&store.log, purged.index, StorageIOError::write_logs)?;
         }
         Ok(store)
     }
@@ -121,8 +147,8 @@ impl LogStore {
     /// Flushes the whole database (every tree), mapping a failure with
     /// `to_err` so it names what was being made durable.
     async fn flush(&self, to_err: ToIoError) -> Result<(), typ::StorageError> {
-        self.db
-            .flush_async()
+        self.disk
+            .flush()
             .await
             .map_err(|e| to_err(AnyError::new(&e)))?;
         Ok(())
@@ -214,30 +240,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = typ::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // In index order, so a crash keeps a contiguous prefix of them.
         for entry in entries {
             let value = rmp_serde::to_vec(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-            batch.insert(&index_key(entry.log_id.index), value);
+            self.disk.note_write(value.len());
+            self.log
+                .insert(index_key(entry.log_id.index), value)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
 
-        match self.db.flush_async().await {
-            Ok(_) => {
+        match self.disk.flush().await {
+            Ok(()) => {
+                self.appends_flushed.send_modify(|n| *n += 1);
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(&e).into())
+                let error = StorageIOError::write_logs(&e);
+                callback.log_io_completed(Err(e));
+                Err(error.into())
             }
         }
     }
 
     async fn truncate(&mut self, log_id: typ::LogId) -> Result<(), typ::StorageError> {
-        delete_range(&self.log, log_id.index.., StorageIOError::write_logs)?;
+        delete_suffix(&self.log, log_id.index, StorageIOError::write_logs)?;
         // A truncated suffix must not come back after a crash, or the log
         // could mix entries of two leaders.
         self.flush(StorageIOError::write_logs).await
@@ -254,7 +282,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             StorageIOError::write_logs,
         )?;
         self.flush(StorageIOError::write_logs).await?;
-        delete_range(&self.log, ..=log_id.index, StorageIOError::write_logs)
+        delete_prefix(&self.log, log_id.index, StorageIOError::write_logs)
     }
 }
 
@@ -315,21 +343,35 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<typ::Entry, typ::StorageErro
     rmp_serde::from_slice(value).map_err(|e| StorageIOError::read_log_at_index(index, &e).into())
 }
 
-/// Deletes the entries whose index lies in `range`, in one sled batch.
-fn delete_range(
-    tree: &sled::Tree,
-    range: impl RangeBounds<u64>,
-    to_err: ToIoError,
-) -> Result<(), typ::StorageError> {
-    let Some(iter) = scan(tree, &range) else {
+/// Deletes the entries up to and including `last`, oldest first, so that a
+/// crash part way leaves a log that still starts after a hole `last_purged`
+/// explains.
+fn delete_prefix(tree: &sled::Tree, last: u64, to_err: ToIoError) -> Result<(), typ::StorageError> {
+    let Some(iter) = scan(tree, &(..=last)) else {
         return Ok(());
     };
-    let mut batch = sled::Batch::default();
     for key in iter.keys() {
-        batch.remove(key.map_err(|e| to_err(AnyError::new(&e)))?);
+        let key = key.map_err(|e| to_err(AnyError::new(&e)))?;
+        tree.remove(key).map_err(|e| to_err(AnyError::new(&e)))?;
     }
-    tree.apply_batch(batch)
-        .map_err(|e| to_err(AnyError::new(&e)).into())
+    Ok(())
+}
+
+/// Deletes the entries from `first` on, newest first, so that a crash part
+/// way leaves a contiguous log.
+fn delete_suffix(
+    tree: &sled::Tree,
+    first: u64,
+    to_err: ToIoError,
+) -> Result<(), typ::StorageError> {
+    let Some(iter) = scan(tree, &(first..)) else {
+        return Ok(());
+    };
+    for key in iter.keys().rev() {
+        let key = key.map_err(|e| to_err(AnyError::new(&e)))?;
+        tree.remove(key).map_err(|e| to_err(AnyError::new(&e)))?;
+    }
+    Ok(())
 }
 
 /// Reads and decodes the meta value under `key`; `None` if it was never
@@ -383,9 +425,9 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> anyhow::Result<(sled::Db, LogStore)> {
-        let db = sled::open(dir.path())?;
-        let store = LogStore::open(&db)?;
-        Ok((db, store))
+        let disk = Disk::open(dir.path())?;
+        let store = LogStore::open(&disk)?;
+        Ok((disk.db().clone(), store))
     }
 
     /// A store holding entries 1..=10 of term 1.
@@ -555,6 +597,30 @@ mod tests {
             [7, 8, 9, 10]
         );
         assert_eq!(state(&mut store).await?, (Some(6), Some(10)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn appends_are_counted_once_flushed_and_large_ones_read_back() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let big = typ::Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Normal(Request {
+                time_ms: 1,
+                // Past sled's blob threshold: stored in a file of its own.
+                ops: vec![Op::Apply(vec![0x5a; 300 << 10])],
+            }),
+        };
+        {
+            let (_db, mut store) = open(&dir)?;
+            let flushed = store.appends_flushed();
+            store.blocking_append([big.clone()]).await?;
+            store.blocking_append([entry(1, 2), entry(1, 3)]).await?;
+            assert_eq!(*flushed.borrow(), 2);
+        }
+        let (_db, mut store) = open(&dir)?;
+        assert_eq!(store.try_get_log_entries(1..2).await?, [big]);
+        assert_eq!(indexes(&store.try_get_log_entries(..).await?), [1, 2, 3]);
         Ok(())
     }
 

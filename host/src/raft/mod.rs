@@ -2,8 +2,10 @@
 //! and its response, and the storage and network that openraft drives.
 //!
 //! # Layout
+//! - [`disk`]: `Disk`, the node's sled database and its one flush.
 //! - [`log_store`]: `LogStore`, the Raft log, vote and committed id on sled.
-//! - [`state_machine`]: `StateMachineStore`, applies entries through the guest.
+//! - [`state_machine`]: `StateMachineStore`, applies entries through the guest;
+//!   [`redo`] makes each apply call atomic across a crash.
 //! - [`network`]: `NetworkFactory`, the peer client over long-lived TCP
 //!   connections; [`peer_server`] answers it on the `--raft` port.
 
@@ -12,10 +14,12 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub mod batcher;
+pub mod disk;
 pub mod log_store;
 pub mod network;
 pub mod peer_server;
 pub mod read_barrier;
+pub mod redo;
 pub mod state_machine;
 
 /// A node's id: chosen on first boot and persisted in its data dir.

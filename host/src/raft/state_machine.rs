@@ -1,34 +1,38 @@
 //! `StateMachineStore`: applies committed entries through the active guest
 //! and keeps the host-owned state in the sled tree `state`.
 //!
-//! Tree layout (one tree, so that one `sled::Batch` is atomic):
-//! - `0x00` + name: host metadata — last applied log id, membership, the
-//!   last entry time, the active guest's hash and its module bytes;
+//! Tree layout:
+//! - `0x00` + name: host metadata — the redo record (last applied log id,
+//!   membership, last entry time; see [`super::redo`]), the active guest's
+//!   hash and module bytes, staged modules and the swap history;
 //! - `0x01` + key: the guest's keys.
 //!
 //! Each `apply` call runs every entry's operations through one guest
-//! instance, whose write overlay is committed together with last-applied and
-//! membership in a single sled batch: a crash never applies an entry twice or
-//! half. Snapshots copy the whole tree, so they carry the active guest too.
+//! instance; its write overlay and the host's writes are recorded in one redo
+//! record together with last-applied and membership, then applied: a crash
+//! never applies an entry twice or half. Nothing here syncs — the log is the
+//! durable record, and the next log flush covers the state too. Queries see
+//! whole apply calls only. Snapshots copy the whole tree, so they carry the
+//! active guest too.
 
 use std::collections::HashMap;
 use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use super::disk::Disk;
+use super::redo::{self, RedoHead, Write};
 use super::{Op, OpResult, Request, Response, TypeConfig, typ};
+use crate::metrics::LatencyHistogram;
 use crate::runtime::{
     Context, GuestInstance, GuestModule, GuestRuntime, HostFault, Outcome, StateRead,
 };
 
 const GUEST: u8 = 0x01;
-const KEY_APPLIED: &[u8] = b"\0applied";
-const KEY_MEMBERSHIP: &[u8] = b"\0membership";
-const KEY_TIME: &[u8] = b"\0time";
 const KEY_GUEST_HASH: &[u8] = b"\0guest/hash";
 const KEY_GUEST_MODULE: &[u8] = b"\0guest/module";
 const KEY_GUEST_SINCE: &[u8] = b"\0guest/since";
@@ -103,6 +107,53 @@ pub struct StateReader {
     state: SledState,
     active: Arc<RwLock<Option<Arc<ActiveGuest>>>>,
     stats: Arc<ApplyStats>,
+    gate: Arc<CommitGate>,
+}
+
+/// How often a query retries when an apply committed while it ran, before
+/// it holds the apply back instead.
+const OPTIMISTIC_READS: usize = 3;
+
+/// Lets readers see the state between two apply calls, never in the middle
+/// of one, without holding applies back in the common case: a sequence lock
+/// (the epoch is odd while a commit runs; a read that saw it change runs
+/// again) with a read-write lock as the fallback that guarantees progress.
+#[derive(Debug, Default)]
+struct CommitGate {
+    epoch: AtomicU64,
+    lock: RwLock<()>,
+}
+
+impl CommitGate {
+    /// Runs `commit` as one step for readers.
+    fn commit<R>(&self, commit: impl FnOnce() -> R) -> R {
+        let _exclusive = self
+            .lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.epoch.fetch_add(1, SeqCst);
+        let result = commit();
+        self.epoch.fetch_add(1, SeqCst);
+        result
+    }
+
+    /// Runs `read` against a state no commit changed while it ran.
+    fn read<R>(&self, mut read: impl FnMut() -> R) -> R {
+        for _ in 0..OPTIMISTIC_READS {
+            let before = self.epoch.load(SeqCst);
+            if before.is_multiple_of(2) {
+                let result = read();
+                if self.epoch.load(SeqCst) == before {
+                    return result;
+                }
+            }
+        }
+        let _shared = self
+            .lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        read()
+    }
 }
 
 /// Counters of the apply path, for `/metrics`.
@@ -112,8 +163,10 @@ pub struct ApplyStats {
     pub entries: AtomicU64,
     /// Guest operations applied.
     pub ops: AtomicU64,
-    /// Time spent in `apply`, including the sled batch, in nanoseconds.
+    /// Time spent in `apply`, including the sled writes, in nanoseconds.
     pub nanos: AtomicU64,
+    /// How long each `apply` call took.
+    pub latency: LatencyHistogram,
 }
 
 impl StateReader {
@@ -150,7 +203,7 @@ impl StateReader {
             position: 0,
             time_ms,
         };
-        let outcome = instance.query(ctx, request)?;
+        let outcome = self.gate.read(|| instance.query(ctx, request))?;
         let mut pool = active
             .queries
             .lock()
@@ -176,15 +229,17 @@ impl StateReader {
     /// When sled fails to read.
     pub fn state_hash(&self) -> Result<String, sled::Error> {
         use sha2::Digest as _;
-        let mut hasher = sha2::Sha256::new();
-        for item in self.state.0.range(vec![GUEST]..vec![GUEST + 1]) {
-            let (k, v) = item?;
-            hasher.update((k.len() as u64).to_le_bytes());
-            hasher.update(&k);
-            hasher.update((v.len() as u64).to_le_bytes());
-            hasher.update(&v);
-        }
-        Ok(hex::encode(hasher.finalize()))
+        self.gate.read(|| {
+            let mut hasher = sha2::Sha256::new();
+            for item in self.state.0.range(vec![GUEST]..vec![GUEST + 1]) {
+                let (k, v) = item?;
+                hasher.update((k.len() as u64).to_le_bytes());
+                hasher.update(&k);
+                hasher.update((v.len() as u64).to_le_bytes());
+                hasher.update(&v);
+            }
+            Ok(hex::encode(hasher.finalize()))
+        })
     }
 }
 
@@ -218,7 +273,7 @@ struct StoredSnapshot {
 /// openraft's state machine over the sled tree `state`.
 #[derive(Debug)]
 pub struct StateMachineStore {
-    db: sled::Db,
+    disk: Disk,
     tree: sled::Tree,
     snapshots: sled::Tree,
     runtime: GuestRuntime,
@@ -233,6 +288,8 @@ pub struct StateMachineStore {
     applied: Option<typ::LogId>,
     membership: typ::StoredMembership,
     time_ms: u64,
+    /// The sequence number of the last redo record.
+    redo_seq: u64,
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -262,22 +319,24 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, typ::StorageError> {
 }
 
 impl StateMachineStore {
-    /// Opens the state machine in `db`, loading the active guest (from the
-    /// compile cache when possible) and finishing a snapshot install that a
-    /// crash interrupted.
+    /// Opens the state machine in `disk`, loading the active guest (from the
+    /// compile cache when possible) and finishing an apply or a snapshot
+    /// install that a crash interrupted.
     ///
     /// # Errors
-    /// A storage error when sled fails or the stored guest cannot be loaded.
-    pub fn open(db: &sled::Db, runtime: GuestRuntime) -> Result<Self, typ::StorageError> {
-        let tree = db.open_tree("state").map_err(read_err)?;
-        let snapshots = db.open_tree("snapshot").map_err(read_err)?;
+    /// A storage error when sled fails, the redo record is damaged or the
+    /// stored guest cannot be loaded.
+    pub fn open(disk: &Disk, runtime: GuestRuntime) -> Result<Self, typ::StorageError> {
+        let tree = disk.db().open_tree("state").map_err(read_err)?;
+        let snapshots = disk.db().open_tree("snapshot").map_err(read_err)?;
         let reader = StateReader {
             state: SledState(tree.clone()),
             active: Arc::default(),
             stats: Arc::default(),
+            gate: Arc::default(),
         };
         let mut sm = Self {
-            db: db.clone(),
+            disk: disk.clone(),
             tree,
             snapshots,
             runtime,
@@ -288,12 +347,18 @@ impl StateMachineStore {
             applied: None,
             membership: typ::StoredMembership::default(),
             time_ms: 0,
+            redo_seq: 0,
         };
-        if let Some(snapshot) = sm.stored_snapshot()? {
-            let applied: Option<typ::LogId> = read_meta(&sm.tree, KEY_APPLIED)?.flatten();
-            if snapshot.meta.last_log_id > applied {
+        let applied = redo::read_head(&sm.tree)
+            .map_err(read_err)?
+            .and_then(|head| head.applied);
+        match sm.stored_snapshot()? {
+            Some(snapshot) if snapshot.meta.last_log_id > applied => {
                 tracing::info!(snapshot = ?snapshot.meta.last_log_id, ?applied, "finishing an interrupted snapshot install");
                 sm.replace_state(&snapshot.data)?;
+            }
+            _ => {
+                redo::recover(&sm.tree, &sm.disk).map_err(read_err)?;
             }
         }
         sm.load_meta()?;
@@ -306,9 +371,13 @@ impl StateMachineStore {
     }
 
     fn load_meta(&mut self) -> Result<(), typ::StorageError> {
-        self.applied = read_meta(&self.tree, KEY_APPLIED)?.flatten();
-        self.membership = read_meta(&self.tree, KEY_MEMBERSHIP)?.unwrap_or_default();
-        self.time_ms = read_meta(&self.tree, KEY_TIME)?.unwrap_or(0);
+        let head = redo::read_head(&self.tree)
+            .map_err(read_err)?
+            .unwrap_or_default();
+        self.applied = head.applied;
+        self.membership = head.membership;
+        self.time_ms = head.time_ms;
+        self.redo_seq = head.seq;
         self.staged.clear();
         for item in self.tree.scan_prefix(PREFIX_STAGED) {
             let (key, module) = item.map_err(read_err)?;
@@ -376,26 +445,47 @@ impl StateMachineStore {
     }
 
     /// Replaces the whole state tree with a snapshot's entries.
+    ///
+    /// The redo head goes first and comes back last, so a crash part way
+    /// leaves a state that reports an older applied id than the stored
+    /// snapshot, and `open` installs it again.
     fn replace_state(&mut self, data: &[u8]) -> Result<(), typ::StorageError> {
         let data: SnapshotData = rmp_serde::from_slice(data).map_err(read_err)?;
-        let mut batch = sled::Batch::default();
-        for key in self.tree.iter().keys() {
-            batch.remove(key.map_err(read_err)?);
-        }
-        for (k, v) in data.entries {
-            batch.insert(k.into_vec(), v.into_vec());
-        }
-        self.tree.apply_batch(batch).map_err(write_err)?;
-        Ok(())
+        let gate = self.reader.gate.clone();
+        gate.commit(|| {
+            self.tree.remove(redo::KEY_HEAD).map_err(write_err)?;
+            let mut head = None;
+            for key in self.tree.iter().keys() {
+                self.tree
+                    .remove(key.map_err(read_err)?)
+                    .map_err(write_err)?;
+            }
+            for (k, v) in data.entries {
+                if redo::is_head(&k) {
+                    head = Some(v);
+                    continue;
+                }
+                self.disk.note_write(v.len());
+                self.tree
+                    .insert(k.into_vec(), v.into_vec())
+                    .map_err(write_err)?;
+            }
+            if let Some(head) = head {
+                self.tree
+                    .insert(redo::KEY_HEAD, head.into_vec())
+                    .map_err(write_err)?;
+            }
+            Ok(())
+        })
     }
 
     /// Applies one normal entry's operations; guest writes stay in the
-    /// instance's overlay, host writes go to `batch`.
+    /// instance's overlay, host writes go to `writes`.
     fn apply_request(
         &mut self,
         log_id: &typ::LogId,
         request: &Request,
-        batch: &mut sled::Batch,
+        writes: &mut Vec<Write>,
     ) -> Result<Response, typ::StorageError> {
         // Time never goes backwards, even across leaders with skewed clocks.
         self.time_ms = self.time_ms.max(request.time_ms);
@@ -408,9 +498,9 @@ impl StateMachineStore {
             };
             let result = match op {
                 Op::Apply(command) => self.apply_command(ctx, command)?,
-                Op::StageGuest { module } => self.stage_guest(module, batch)?,
+                Op::StageGuest { module } => self.stage_guest(module, writes)?,
                 Op::ActivateGuest { hash, force } => {
-                    self.activate_guest(ctx, hash, *force, batch)?
+                    self.activate_guest(ctx, hash, *force, writes)?
                 }
             };
             results.push(result);
@@ -434,11 +524,14 @@ impl StateMachineStore {
     fn stage_guest(
         &mut self,
         module: &[u8],
-        batch: &mut sled::Batch,
+        writes: &mut Vec<Write>,
     ) -> Result<OpResult, typ::StorageError> {
         use sha2::Digest as _;
         let hash = hex::encode(sha2::Sha256::digest(module));
-        batch.insert([PREFIX_STAGED, hash.as_bytes()].concat(), module);
+        writes.push((
+            [PREFIX_STAGED, hash.as_bytes()].concat(),
+            Some(module.to_vec()),
+        ));
         self.compile_in_background(hash.clone(), module.to_vec());
         self.staged.insert(hash.clone(), module.to_vec());
         Ok(Ok(hash.into_bytes()))
@@ -452,7 +545,7 @@ impl StateMachineStore {
         ctx: Context,
         hash: &str,
         force: bool,
-        batch: &mut sled::Batch,
+        writes: &mut Vec<Write>,
     ) -> Result<OpResult, typ::StorageError> {
         let Some(module) = self.staged.get(hash).cloned() else {
             return Ok(Err(format!(
@@ -512,11 +605,11 @@ impl StateMachineStore {
         let mut history: Vec<SwapRecord> =
             read_meta(&self.tree, KEY_GUEST_HISTORY)?.unwrap_or_default();
         history.push(record.clone());
-        batch.insert(KEY_GUEST_HISTORY, encode(&history)?);
-        batch.insert(KEY_GUEST_HASH, encode(&hash)?);
-        batch.insert(KEY_GUEST_MODULE, module);
-        batch.insert(KEY_GUEST_SINCE, encode(&ctx.index)?);
-        batch.remove([PREFIX_STAGED, hash.as_bytes()].concat());
+        writes.push((KEY_GUEST_HISTORY.to_vec(), Some(encode(&history)?)));
+        writes.push((KEY_GUEST_HASH.to_vec(), Some(encode(&hash)?)));
+        writes.push((KEY_GUEST_MODULE.to_vec(), Some(module)));
+        writes.push((KEY_GUEST_SINCE.to_vec(), Some(encode(&ctx.index)?)));
+        writes.push(([PREFIX_STAGED, hash.as_bytes()].concat(), None));
         self.staged.remove(hash);
         self.activate(Some(loaded), ctx.index);
         self.instance = Some(instance);
@@ -540,7 +633,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let started = std::time::Instant::now();
-        let mut batch = sled::Batch::default();
+        let mut writes: Vec<Write> = Vec::new();
         let mut responses = Vec::new();
         for entry in entries {
             self.applied = Some(entry.log_id);
@@ -552,31 +645,38 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     Response::default()
                 }
                 EntryPayload::Normal(request) => {
-                    self.apply_request(&entry.log_id, request, &mut batch)?
+                    self.apply_request(&entry.log_id, request, &mut writes)?
                 }
             };
             responses.push(response);
         }
         if let Some(instance) = self.instance.as_mut() {
-            for (key, value) in instance.take_writes() {
-                let key = guest_key(&key);
-                match value {
-                    Some(value) => batch.insert(key, value),
-                    None => batch.remove(key),
-                }
-            }
+            writes.extend(
+                instance
+                    .take_writes()
+                    .into_iter()
+                    .map(|(key, value)| (guest_key(&key), value)),
+            );
         }
-        batch.insert(KEY_APPLIED, encode(&self.applied)?);
-        batch.insert(KEY_MEMBERSHIP, encode(&self.membership)?);
-        batch.insert(KEY_TIME, encode(&self.time_ms)?);
-        self.tree.apply_batch(batch).map_err(write_err)?;
+        let head = RedoHead {
+            seq: self.redo_seq,
+            chunks: 0,
+            applied: self.applied,
+            membership: self.membership.clone(),
+            time_ms: self.time_ms,
+        };
+        let gate = self.reader.gate.clone();
+        let head = gate
+            .commit(|| redo::commit(&self.tree, &self.disk, head, &writes))
+            .map_err(write_err)?;
+        self.redo_seq = head.seq;
         let stats = &self.reader.stats;
         stats.entries.fetch_add(responses.len() as u64, Relaxed);
         let ops: usize = responses.iter().map(|r| r.results.len()).sum();
         stats.ops.fetch_add(ops as u64, Relaxed);
-        stats
-            .nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        let elapsed = started.elapsed();
+        stats.nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
+        stats.latency.observe(elapsed);
         if let Some(applied) = self.applied {
             tracing::debug!(
                 index = applied.index,
@@ -604,7 +704,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             })
             .collect::<Result<Vec<_>, _>>();
         SnapshotBuilder {
-            db: self.db.clone(),
+            disk: self.disk.clone(),
             snapshots: self.snapshots.clone(),
             applied: self.applied,
             membership: self.membership.clone(),
@@ -630,12 +730,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data: serde_bytes::ByteBuf::from(data),
         };
+        let encoded = encode(&stored)?;
+        self.disk.note_write(encoded.len());
         self.snapshots
-            .insert(KEY_SNAPSHOT, encode(&stored)?)
+            .insert(KEY_SNAPSHOT, encoded)
             .map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        self.disk.flush().await.map_err(write_err)?;
         self.replace_state(&stored.data)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        self.disk.flush().await.map_err(write_err)?;
         self.load_meta()?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -653,7 +755,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 /// Builds a snapshot from the copy taken by `get_snapshot_builder`.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    db: sled::Db,
+    disk: Disk,
     snapshots: sled::Tree,
     applied: Option<typ::LogId>,
     membership: typ::StoredMembership,
@@ -681,10 +783,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 meta: meta.clone(),
                 data: serde_bytes::ByteBuf::from(data.clone()),
             };
+            let encoded = encode(&stored)?;
+            self.disk.note_write(encoded.len());
             self.snapshots
-                .insert(KEY_SNAPSHOT, encode(&stored)?)
+                .insert(KEY_SNAPSHOT, encoded)
                 .map_err(write_err)?;
-            self.db.flush_async().await.map_err(write_err)?;
+            self.disk.flush().await.map_err(write_err)?;
         }
         Ok(Snapshot {
             meta,

@@ -1,0 +1,151 @@
+//! `Disk`: the node's one sled database and the only place that makes it
+//! durable. The log store flushes it once per appended batch of entries;
+//! nothing else on the write path syncs.
+//!
+//! sled writes items over about 128 KiB to files of their own under
+//! `blobs/` and never syncs them; `flush` syncs the new ones first, so a
+//! flushed large item is as durable as a small one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::metrics::LatencyHistogram;
+
+/// Items at least this long may be stored as separate blob files (sled's
+/// threshold is a quarter of its 512 KiB segment, less headers).
+pub const LARGE_ITEM: usize = 64 << 10;
+
+/// The node's sled database and the flush that makes it durable.
+///
+/// Guarantee: when [`Disk::flush`] returns `Ok`, every write made to any tree
+/// of the database before the call survives a process crash or an OS crash
+/// (see the README's Durability section for what sled's sync covers).
+#[derive(Debug, Clone)]
+pub struct Disk {
+    db: sled::Db,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    blobs: PathBuf,
+    /// Set when an item that may have become a blob file was written since
+    /// the last flush.
+    large_written: AtomicBool,
+    /// The highest blob file name (sled names them by log sequence number)
+    /// known to be synced.
+    synced_blob: Mutex<u64>,
+    flushes: LatencyHistogram,
+}
+
+impl Disk {
+    /// Opens (or creates) the database in `dir`.
+    ///
+    /// sled's own periodic flush is turned off: every sync happens in
+    /// [`Disk::flush`], where large items are synced before the log that
+    /// points at them.
+    ///
+    /// # Errors
+    /// When sled cannot open the directory.
+    pub fn open(dir: &Path) -> sled::Result<Self> {
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
+        Ok(Self::new(db, dir))
+    }
+
+    fn new(db: sled::Db, dir: &Path) -> Self {
+        Self {
+            db,
+            inner: Arc::new(Inner {
+                blobs: dir.join("blobs"),
+                large_written: AtomicBool::new(false),
+                synced_blob: Mutex::new(0),
+                flushes: LatencyHistogram::default(),
+            }),
+        }
+    }
+
+    /// The database, for opening trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Records that an item of `len` bytes is about to be written, so that
+    /// the next flush syncs the blob file sled may put it in.
+    pub fn note_write(&self, len: usize) {
+        if len >= LARGE_ITEM {
+            self.inner.large_written.store(true, Ordering::Release);
+        }
+    }
+
+    /// How long flushes took, for `/metrics`.
+    pub fn flushes(&self) -> &LatencyHistogram {
+        &self.inner.flushes
+    }
+
+    /// Makes every earlier write durable: syncs new blob files, then sled's
+    /// log (one `pwrite` and `sync_file_range` of the dirty buffer). Blocks
+    /// the calling thread for the sync itself.
+    ///
+    /// # Errors
+    /// When a sync fails; the caller must not acknowledge anything then.
+    pub async fn flush(&self) -> std::io::Result<()> {
+        let started = Instant::now();
+        if self.inner.large_written.swap(false, Ordering::AcqRel) {
+            let inner = self.inner.clone();
+            let synced = tokio::task::spawn_blocking(move || inner.sync_new_blobs())
+                .await
+                .map_err(std::io::Error::other)?;
+            if let Err(e) = synced {
+                self.inner.large_written.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        // Called directly rather than through `flush_async`, which hands the
+        // call to sled's thread pool: one thread hop less per write. The
+        // caller (openraft's core task) waits for it anyway.
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.inner.flushes.observe(started.elapsed());
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// `fsync`s every blob file newer than the last one synced, then the
+    /// blob directory (so the new names survive too).
+    fn sync_new_blobs(&self) -> std::io::Result<()> {
+        let mut synced = self
+            .synced_blob
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut newest = *synced;
+        for entry in entries {
+            let entry = entry?;
+            let Some(lsn) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if lsn > *synced {
+                match std::fs::File::open(entry.path()) {
+                    Ok(file) => file.sync_all()?,
+                    // sled removed it meanwhile: nothing points at it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                newest = newest.max(lsn);
+            }
+        }
+        std::fs::File::open(&self.blobs)?.sync_all()?;
+        *synced = newest;
+        Ok(())
+    }
+}
