@@ -185,7 +185,12 @@ pub async fn run(
     let app = Arc::new(App {
         id,
         addrs: addrs.clone(),
-        batcher: Batcher::start(raft.clone(), config.write_timeout(), metrics.clone()),
+        batcher: Batcher::start(
+            raft.clone(),
+            log_store.appends_flushed(),
+            config.write_timeout(),
+            metrics.clone(),
+        ),
         reads: ReadBarrier::start(raft.clone()),
         raft: raft.clone(),
         config: config.clone(),
