@@ -79,6 +79,10 @@ pub struct NodeConfig {
     /// reported unknown, milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub write_timeout_ms: u64,
+    /// Worker threads of the node's async runtime (default: one per CPU).
+    /// Several nodes sharing a few cores run faster with 1 or 2 each.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
 }
 
 impl NodeConfig {

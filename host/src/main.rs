@@ -4,8 +4,7 @@
 use clap::Parser as _;
 use raftwasm::config::{Cli, Command, normalize_args};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(normalize_args(std::env::args()));
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -13,15 +12,24 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
         )
         .init();
-    match cli.command {
-        Some(Command::Bench(config)) => raftwasm::bench::run(config).await,
-        Some(Command::Guest(command)) => raftwasm::deploy::run(command).await,
-        None => {
-            let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
-            raftwasm::node::run(cli.node, listeners, shutdown).await
-        }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if cli.command.is_none()
+        && let Some(threads) = cli.node.threads
+    {
+        runtime.worker_threads(threads.into());
     }
+    runtime.build()?.block_on(async {
+        match cli.command {
+            Some(Command::Bench(config)) => raftwasm::bench::run(config).await,
+            Some(Command::Guest(command)) => raftwasm::deploy::run(command).await,
+            None => {
+                let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                raftwasm::node::run(cli.node, listeners, shutdown).await
+            }
+        }
+    })
 }
