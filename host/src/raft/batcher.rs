@@ -88,14 +88,6 @@ impl Batcher {
     }
 }
 
-fn op_len(op: &Op) -> usize {
-    match op {
-        Op::Apply(bytes) => bytes.len(),
-        Op::StageGuest { module } => module.len(),
-        Op::ActivateGuest { hash, .. } => hash.len(),
-    }
-}
-
 async fn run(
     raft: Raft,
     mut rx: mpsc::Receiver<Pending>,
@@ -109,12 +101,12 @@ async fn run(
             return;
         };
         // Gather what queued while we waited for a slot.
-        let mut bytes = op_len(&first.op);
+        let mut bytes = first.op.payload_len();
         let mut batch = vec![first];
         while batch.len() < MAX_OPS && bytes < MAX_BYTES {
             match rx.try_recv() {
                 Ok(pending) => {
-                    bytes += op_len(&pending.op);
+                    bytes += pending.op.payload_len();
                     batch.push(pending);
                 }
                 Err(_) => break,

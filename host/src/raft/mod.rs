@@ -69,6 +69,17 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The bytes this operation carries: its command, module or hash.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Op::Apply(bytes) => bytes.len(),
+            Op::StageGuest { module } => module.len(),
+            Op::ActivateGuest { hash, .. } => hash.len(),
+        }
+    }
+}
+
 /// The outcome of one [`Op`]: the guest's response bytes, or its error
 /// message. Both are deterministic: every replica computes the same one.
 pub type OpResult = Result<Vec<u8>, String>;

@@ -543,6 +543,24 @@ fn snapshot_timeout(len: usize) -> Duration {
     SNAPSHOT_BASE_TIMEOUT + Duration::from_secs(len as u64 / SNAPSHOT_BYTES_PER_SECOND)
 }
 
+/// How long an AppendEntries carrying `entries` may take: openraft's time
+/// to live (the heartbeat interval) plus time for the payload to travel and
+/// be flushed at [`SNAPSHOT_BYTES_PER_SECOND`]. Without the allowance, a
+/// payload slower than one heartbeat would time out on every retry and the
+/// follower would never catch up.
+fn append_timeout(ttl: Duration, entries: &[typ::Entry]) -> Duration {
+    let bytes: usize = entries
+        .iter()
+        .map(|entry| match &entry.payload {
+            openraft::EntryPayload::Normal(request) => {
+                request.ops.iter().map(super::Op::payload_len).sum()
+            }
+            _ => 0,
+        })
+        .sum();
+    ttl + Duration::from_micros(bytes as u64 * 1_000_000 / SNAPSHOT_BYTES_PER_SECOND)
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
@@ -550,8 +568,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, typ::RpcError> {
         let entries = rpc.entries.len() as u64;
+        let timeout = append_timeout(option.hard_ttl(), &rpc.entries);
         let request = PeerRequest::AppendEntries(rpc);
-        match self.call(&request, option.hard_ttl()).await {
+        match self.call(&request, timeout).await {
             Ok(PeerResponse::AppendEntries(Ok(resp))) => Ok(resp),
             Ok(PeerResponse::AppendEntries(Err(e))) => Err(RPCError::RemoteError(
                 RemoteError::new_with_node(self.target, self.node.clone(), e),
