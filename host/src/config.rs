@@ -63,11 +63,15 @@ pub struct NodeConfig {
     /// Followers forward writes to the leader instead of refusing them.
     #[arg(long)]
     pub forward_writes: bool,
-    /// Raft heartbeat interval, milliseconds.
-    #[arg(long, default_value_t = 100)]
+    /// Raft heartbeat interval, milliseconds; also the base time an
+    /// AppendEntries may take before it is retried.
+    #[arg(long, default_value_t = 50)]
     pub heartbeat_ms: u64,
     /// Smallest election timeout, milliseconds (the largest is twice this).
-    #[arg(long, default_value_t = 300)]
+    /// A follower calls an election once it has not heard from the leader
+    /// for the largest timeout (openraft's leader lease) plus its own random
+    /// timeout between the two: 450–600 ms with the defaults.
+    #[arg(long, default_value_t = 150)]
     pub election_timeout_ms: u64,
     /// Take a snapshot after this many log entries since the last one.
     #[arg(long, default_value_t = 5000)]
