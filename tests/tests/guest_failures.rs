@@ -68,6 +68,30 @@ fn deep_recursion_overflows_the_stack() {
     fails_cleanly(b"recurse", "call stack exhausted");
 }
 
+/// An apply whose answer or import arguments break the canonical ABI is a
+/// refusal like a trap: it depends only on the module and the command, so
+/// every replica records the same error and the log moves on.
+#[test]
+fn answer_list_out_of_bounds_is_a_refusal_not_a_host_fault() {
+    fails_cleanly(
+        b"bounds",
+        "the guest broke the component ABI: list pointer/length out of bounds of memory",
+    );
+}
+
+#[test]
+fn answer_string_that_is_not_utf8_is_a_refusal_not_a_host_fault() {
+    fails_cleanly(b"utf8", "the guest broke the component ABI");
+}
+
+#[test]
+fn import_call_with_a_bad_option_discriminant_is_a_refusal_not_a_host_fault() {
+    fails_cleanly(
+        b"variant",
+        "the guest broke the component ABI: invalid option discriminant",
+    );
+}
+
 #[test]
 fn query_cannot_write() {
     let module = runtime().load(CHAOS_GUEST).expect("the chaos guest loads");

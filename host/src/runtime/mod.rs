@@ -612,6 +612,19 @@ fn call_migrate(
 
 /// Turns a failed call into its deterministic error message, or a host fault
 /// when the failure did not come from the guest.
+///
+/// On a live instance, wasmtime fails a call for one of four reasons:
+/// - a trap (including running out of fuel): the guest's doing;
+/// - an error one of the host's imports returned: those record themselves
+///   in the store first (`violation` here, or a fault the caller checked
+///   before);
+/// - a canonical-ABI check on a value the guest produced: a list or string
+///   out of bounds, a string that is not UTF-8, a variant, option or result
+///   discriminant that does not exist, a misaligned pointer, a bad `realloc`
+///   answer — a property of the module and the command, so every replica
+///   reaches it;
+/// - a failure of this machine: memory the host could not allocate, an
+///   instance pool with no free slot, an I/O error ([`is_host_failure`]).
 fn describe_failure(
     error: wasmtime::Error,
     violation: Option<String>,
@@ -620,12 +633,32 @@ fn describe_failure(
     if let Some(violation) = violation {
         return Ok(violation);
     }
-    match error.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Ok(format!("the guest ran out of fuel (budget {fuel})")),
-        Some(trap) => Ok(format!(
-            "the guest trapped: {}",
-            trap.to_string().trim_start_matches("wasm trap: ")
-        )),
-        None => Err(HostFault(format!("{error:#}"))),
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return Ok(match trap {
+            Trap::OutOfFuel => format!("the guest ran out of fuel (budget {fuel})"),
+            trap => format!(
+                "the guest trapped: {}",
+                trap.to_string().trim_start_matches("wasm trap: ")
+            ),
+        });
     }
+    if is_host_failure(&error) {
+        return Err(HostFault(format!("{error:#}")));
+    }
+    // The root cause only: the context wasmtime adds (a wasm backtrace) is
+    // noise to a client.
+    Ok(format!(
+        "the guest broke the component ABI: {}",
+        error.root_cause()
+    ))
+}
+
+/// Whether `error` is a failure of this machine rather than of the guest:
+/// an allocation the host could not make, an instance pool with no free
+/// slot, or an I/O error. Such a failure must stop the node, never become a
+/// result or a refusal that other replicas would not reach.
+fn is_host_failure(error: &wasmtime::Error) -> bool {
+    error.is::<wasmtime::OutOfMemory>()
+        || error.is::<wasmtime::PoolConcurrencyLimitError>()
+        || error.is::<std::io::Error>()
 }

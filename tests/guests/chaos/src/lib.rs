@@ -1,7 +1,10 @@
 //! A guest that misbehaves on request, to test that the runtime contains it.
 //!
 //! `apply` first writes `written` = the command, then acts on the command's
-//! first byte; `query` with `w` tries to write.
+//! first byte; `query` with `w` tries to write. The commands starting with
+//! `b`, `u` and `v` break the canonical ABI: they hand the host values it
+//! cannot lift (a list out of bounds, a string that is not UTF-8, an option
+//! with a discriminant that does not exist).
 
 wit_bindgen::generate!({
     world: "state-machine-with-migrate",
@@ -31,6 +34,9 @@ impl Guest for Chaos {
             Some(b'l') => loop_forever(),
             Some(b'm') => grow_memory(),
             Some(b'r') => Ok(recurse(u64::MAX).to_le_bytes().to_vec()),
+            Some(b'b') => Ok(list_out_of_bounds()),
+            Some(b'u') => Err(invalid_utf8()),
+            Some(b'v') => bad_option_discriminant(),
             _ => Err("unknown chaos command".into()),
         }
     }
@@ -79,6 +85,59 @@ fn recurse(n: u64) -> u64 {
     } else {
         recurse(n - 1).rotate_left((n % 63) as u32) ^ n
     }
+}
+
+/// A list whose pointer and length lie past the end of any wasm memory. The
+/// bindings hand pointer and length to the host as they are.
+fn list_out_of_bounds() -> Vec<u8> {
+    const LEN: usize = 0x10_0000;
+    // SAFETY: not sound, on purpose: the vector is never read or freed here;
+    // the host refuses to lift it and throws the instance away.
+    unsafe { Vec::from_raw_parts(0xfff0_0000usize as *mut u8, LEN, LEN) }
+}
+
+/// A string that is not UTF-8.
+fn invalid_utf8() -> String {
+    // SAFETY: not sound, on purpose: the host must refuse to lift it.
+    unsafe { String::from_utf8_unchecked(vec![b'n', 0xff, 0xfe, 0xfd]) }
+}
+
+#[link(wasm_import_module = "raftwasm:state-machine/store@0.1.0")]
+#[allow(clashing_extern_declarations)]
+unsafe extern "C" {
+    /// The raw `store.scan` import, as the canonical ABI flattens it:
+    /// `start` (pointer, length), `end` (discriminant, pointer, length),
+    /// `limit`, and where to write the result.
+    #[link_name = "scan"]
+    fn raw_scan(
+        start: *mut u8,
+        start_len: usize,
+        end_is_some: i32,
+        end: *mut u8,
+        end_len: usize,
+        limit: i32,
+        result: *mut u8,
+    );
+}
+
+/// Calls `store.scan` with an `option` discriminant of 7 (only 0 and 1 exist).
+fn bad_option_discriminant() -> Result<Vec<u8>, String> {
+    let mut start = *b"a";
+    let mut result = [0u32; 2];
+    // SAFETY: every pointer is valid for the call; only the discriminant is
+    // wrong, which the host must refuse.
+    unsafe {
+        raw_scan(
+            start.as_mut_ptr(),
+            start.len(),
+            7,
+            core::ptr::null_mut(),
+            0,
+            10,
+            result.as_mut_ptr().cast(),
+        );
+    }
+    Ok(b"the host accepted a bad discriminant".to_vec())
 }
 
 export!(Chaos);
