@@ -195,3 +195,65 @@ fn oversized_module_is_refused() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
 }
+
+/// What every node would say about the module itself is a refusal; a
+/// failure of this node is not.
+#[test]
+fn module_defects_are_module_properties() {
+    let defects = [
+        load_error(b"definitely not wasm"),
+        load_error(&CHAOS_GUEST[..CHAOS_GUEST.len() / 2]),
+        load_error(&wat::parse_str("(component)").expect("valid wat")),
+        load_error(
+            &wat::parse_str(r#"(component (import "wasi:random/random@0.2.0" (instance)))"#)
+                .expect("valid wat"),
+        ),
+    ];
+    for defect in defects {
+        assert!(defect.is_module_property(), "{defect}");
+    }
+}
+
+/// A function body that does not validate is caught by the compiler, not
+/// the parser; it is still the module's defect, refused on every node.
+#[test]
+fn invalid_function_body_is_a_module_property() {
+    let component = wat::parse_str("(component (core module (func (result i32))))")
+        .expect("valid wat, invalid wasm");
+    match load_error(&component) {
+        LoadError::Invalid(_) => {}
+        other => panic!("expected Invalid, got {other}"),
+    }
+}
+
+/// With every instance slot of the pool taken, a good module cannot be
+/// instantiated for its `info` call: that is this node's failure, which must
+/// stop the node, never a verdict that would refuse the module on this
+/// replica while the others switch to it.
+#[test]
+fn exhausted_instance_pool_is_a_host_failure_not_a_bad_guest() {
+    let runtime = runtime();
+    let module = runtime.load(CHAOS_GUEST).expect("the chaos guest loads");
+    let mut replicas = Vec::new();
+    let error = loop {
+        assert!(replicas.len() < 1000, "the instance pool never ran out");
+        match runtime.load(CHAOS_GUEST) {
+            Ok(_) => {
+                let mut replica = Replica::new(&module);
+                replica.apply(0, b"ok");
+                replicas.push(replica);
+            }
+            Err(error) => break error,
+        }
+    };
+    assert!(
+        matches!(error, LoadError::Host(_)),
+        "expected a host failure, got {error}"
+    );
+    assert!(!error.is_module_property());
+
+    replicas.clear();
+    runtime
+        .load(CHAOS_GUEST)
+        .expect("the same module loads once the pool has room");
+}

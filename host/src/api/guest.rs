@@ -22,9 +22,10 @@ use crate::raft::state_machine::SwapRecord;
 /// Validates `module`, then stages and activates it through the log.
 ///
 /// # Errors
-/// 400 for a module that is not a usable guest, 409 when the version guard
-/// refuses it, 422 when activation fails on the cluster (a failed migration),
-/// and the write errors of the batcher.
+/// 400 for a module that is not a usable guest, 503 when this node cannot
+/// load it now (see [`crate::runtime::LoadError::is_module_property`]), 409
+/// when the version guard refuses it, 422 when activation fails on the
+/// cluster (a failed migration), and the write errors of the batcher.
 pub async fn deploy(app: &App, module: Vec<u8>, force: bool) -> Result<SwapRecord, ApiError> {
     let limit = app.runtime.limits().module_bytes;
     if module.len() > limit {
@@ -38,7 +39,13 @@ pub async fn deploy(app: &App, module: Vec<u8>, force: bool) -> Result<SwapRecor
     let loaded = tokio::task::spawn_blocking(move || runtime.load(&bytes))
         .await
         .map_err(|e| ApiError::Internal(format!("validating the module: {e}")))?
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        .map_err(|e| {
+            if e.is_module_property() {
+                ApiError::BadRequest(e.to_string())
+            } else {
+                ApiError::Unavailable(e.to_string())
+            }
+        })?;
     if !force
         && let Some(active) = app.state.active()
         && let Err(refusal) = loaded.may_replace(&active.module)

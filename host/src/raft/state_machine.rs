@@ -558,10 +558,21 @@ impl StateMachineStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(hash);
         // A replica whose background compile has not finished waits for it
-        // here (it compiles now): it never skips the activation.
+        // here (it compiles now): it never skips the activation. Only a
+        // verdict on the module refuses it; when this node failed to load
+        // it (no memory, no free instance slot, a failed mmap), the other
+        // replicas may well have switched, so this one stops applying and
+        // tries again when it restarts, rather than diverge.
         let loaded = match ready.map_or_else(|| self.runtime.load(&module), Ok) {
             Ok(loaded) => loaded,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) if e.is_module_property() => return Ok(Err(e.to_string())),
+            Err(e) => {
+                tracing::error!(index = ctx.index, %hash, error = %e, "cannot activate the staged guest on this node; stopping until restart");
+                return Err(write_err(format!(
+                    "activating guest {hash} at index {}: {e}",
+                    ctx.index
+                )));
+            }
         };
         let previous = self.reader.active();
         if !force

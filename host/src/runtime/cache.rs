@@ -62,22 +62,27 @@ impl CompileCache {
         }
     }
 
-    /// Stores `component` for `hash`, atomically (write then rename).
+    /// Deletes the entry for `hash`, if any.
+    pub fn remove(&self, hash: &str) {
+        let _ = std::fs::remove_file(self.path(hash));
+    }
+
+    /// Stores `artifact` (compiled by this cache's engine configuration) for
+    /// `hash`, atomically (write then rename).
     /// Concurrent stores of one module (the apply path and a background
     /// compile) each write their own temporary file, so neither truncates
     /// or renames away the other's, and the last rename wins.
     ///
     /// # Errors
     /// When the directory cannot be written; the caller may go on without it.
-    pub fn store(&self, hash: &str, component: &Component) -> std::io::Result<()> {
+    pub fn store(&self, hash: &str, artifact: &[u8]) -> std::io::Result<()> {
         static STORES: AtomicU64 = AtomicU64::new(0);
-        let bytes = component.serialize().map_err(std::io::Error::other)?;
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path(hash);
         let unique = STORES.fetch_add(1, Ordering::Relaxed);
         let tmp = path.with_extension(format!("{}-{unique}.tmp", std::process::id()));
         let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
+        file.write_all(artifact)?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)
     }
@@ -99,7 +104,9 @@ mod tests {
     fn concurrent_stores_of_one_guest_all_succeed() {
         let engine = Engine::default();
         // The smallest component: the preamble alone.
-        let component = Component::new(&engine, b"\0asm\x0d\0\x01\0").expect("compiles");
+        let artifact = engine
+            .precompile_component(b"\0asm\x0d\0\x01\0")
+            .expect("compiles");
         let dir = tempfile::tempdir().expect("temp dir");
         let cache = CompileCache::new(dir.path(), &engine);
         for round in 0..50 {
@@ -110,7 +117,7 @@ mod tests {
                     .map(|_| {
                         scope.spawn(|| {
                             barrier.wait();
-                            cache.store(&hash, &component)
+                            cache.store(&hash, &artifact)
                         })
                     })
                     .collect();

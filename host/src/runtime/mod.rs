@@ -68,8 +68,12 @@ impl Default for Limits {
     }
 }
 
-/// Why a module cannot be used as a guest. Each is a property of the module
-/// bytes, so every node reaches the same verdict.
+/// Why a module cannot be loaded.
+///
+/// Every variant but [`LoadError::Host`] is a property of the module bytes
+/// (and of the build every node runs), so every node reaches the same
+/// verdict and may refuse the module for it. [`LoadError::Host`] is a
+/// failure of this node; see [`LoadError::is_module_property`].
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// More bytes than [`Limits::module_bytes`].
@@ -89,9 +93,35 @@ pub enum LoadError {
     /// Does not export what the world requires, or with other types.
     #[error("the module does not implement the {WIT_PACKAGE} world: {0}")]
     WrongWorld(String),
-    /// `info` failed or returned something unusable.
+    /// `info` failed or returned something unusable, or instantiating the
+    /// guest trapped.
     #[error("the guest's `info` is unusable: {0}")]
     BadInfo(String),
+    /// This node could not compile, map or instantiate the module: memory
+    /// it could not allocate, an instance pool with no free slot, a failed
+    /// mmap, a compile error that is not a verdict on the module. Another
+    /// node, or this one later, may load the same module fine, so this is
+    /// never a reason to refuse it on every replica.
+    #[error(
+        "this node cannot load the guest now: {0}; the module may be fine, retry once the node has resources"
+    )]
+    Host(String),
+}
+
+impl LoadError {
+    /// Whether every node reaches this verdict from the module bytes alone.
+    /// Only such an error may refuse a module in a replicated entry; any
+    /// other must stop the node from applying, so that it retries instead
+    /// of diverging from the replicas that loaded the module.
+    ///
+    /// Failures are sorted conservatively: one is a property of the module
+    /// only when the runtime recognises it as such (size, magic, validation,
+    /// the compiler's verdict on the code, imports, exports and their types,
+    /// a trap while instantiating or in `info`); anything else is
+    /// [`LoadError::Host`].
+    pub fn is_module_property(&self) -> bool {
+        !matches!(self, LoadError::Host(_))
+    }
 }
 
 /// A failure of the host, not of the guest: never turned into a command
@@ -174,8 +204,12 @@ impl GuestRuntime {
     /// Validates and compiles `wasm` (a core module built for the world, or a
     /// component), using the compile cache when it holds the module.
     ///
+    /// A cache entry never decides the verdict: cached code that does not
+    /// load is dropped and the module compiled again.
+    ///
     /// # Errors
-    /// [`LoadError`] naming what is wrong with the module.
+    /// [`LoadError`] naming what is wrong with the module, or
+    /// [`LoadError::Host`] when this node failed to load it.
     pub fn load(&self, wasm: &[u8]) -> Result<GuestModule, LoadError> {
         if wasm.len() > self.limits.module_bytes {
             return Err(LoadError::TooLarge {
@@ -188,26 +222,33 @@ impl GuestRuntime {
             return Err(LoadError::NotWasm);
         }
         let hash = hex::encode(Sha256::digest(wasm));
-        let cached = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.load(&self.engine, &hash));
-        let component = match cached {
-            Some(component) => component,
-            None => {
-                let component = self.compile(wasm, is_core)?;
-                if let Some(cache) = &self.cache
-                    && let Err(error) = cache.store(&hash, &component)
-                {
-                    tracing::warn!(%error, dir = %cache.dir().display(), "cannot cache the compiled guest");
+        if let Some(cache) = &self.cache
+            && let Some(component) = cache.load(&self.engine, &hash)
+        {
+            match self.finish(component, &hash) {
+                Ok(module) => return Ok(module),
+                Err(error) => {
+                    tracing::warn!(%error, %hash, "the cached guest does not load; compiling it again");
+                    cache.remove(&hash);
                 }
-                component
             }
-        };
-        GuestModule::new(self.clone(), component, hash)
+        }
+        let artifact = self.compile(wasm, is_core)?;
+        // SAFETY: `artifact` is what `precompile_component` of this very
+        // engine produced a moment ago.
+        let component = unsafe { Component::deserialize(&self.engine, &artifact) }
+            .map_err(|e| LoadError::Host(format!("mapping the compiled guest: {e:#}")))?;
+        let module = self.finish(component, &hash)?;
+        if let Some(cache) = &self.cache
+            && let Err(error) = cache.store(&hash, &artifact)
+        {
+            tracing::warn!(%error, dir = %cache.dir().display(), "cannot cache the compiled guest");
+        }
+        Ok(module)
     }
 
-    fn compile(&self, wasm: &[u8], is_core: bool) -> Result<Component, LoadError> {
+    /// Compiles `wasm` to this engine's native code, serialized.
+    fn compile(&self, wasm: &[u8], is_core: bool) -> Result<Vec<u8>, LoadError> {
         let component_bytes;
         let bytes = if is_core {
             component_bytes = componentize(wasm)?;
@@ -215,15 +256,34 @@ impl GuestRuntime {
         } else {
             wasm
         };
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        self.engine
+            .precompile_component(bytes)
+            .map_err(compile_error)
+    }
+
+    /// Checks a compiled component's imports and exports and calls `info`.
+    fn finish(&self, component: Component, hash: &str) -> Result<GuestModule, LoadError> {
         let ty = component.component_type();
         for (name, _) in ty.imports(&self.engine) {
             if !ALLOWED_IMPORTS.contains(&name) {
                 return Err(LoadError::ForbiddenImport(name.to_owned()));
             }
         }
-        Ok(component)
+        GuestModule::new(self.clone(), component, hash.to_owned())
+    }
+}
+
+/// Sorts a compile failure: the validator's and the compiler's verdicts on
+/// the code are properties of the module; anything else (memory the host
+/// could not allocate, say) is this node's failure.
+fn compile_error(error: wasmtime::Error) -> LoadError {
+    let verdict = error.is::<wasmparser::BinaryReaderError>()
+        || error.is::<wasmtime_environ::WasmError>()
+        || error.is::<wasmtime_environ::CompileError>();
+    if verdict && !is_host_failure(&error) {
+        LoadError::Invalid(format!("{error:#}"))
+    } else {
+        LoadError::Host(format!("compiling the guest: {error:#}"))
     }
 }
 
@@ -303,7 +363,16 @@ impl GuestModule {
             has_migrate,
         };
         let mut instance = module.instantiate(Arc::new(MemoryState::default()));
-        let info = instance.info().map_err(|e| LoadError::BadInfo(e.0))?;
+        instance.start().map_err(|e| match e {
+            StartError::Guest(reason) => LoadError::BadInfo(reason),
+            StartError::Host(fault) => LoadError::Host(fault.0),
+        })?;
+        let mut info = None;
+        let outcome = instance
+            .call_with(Call::Info, &mut info)
+            .map_err(|fault| LoadError::Host(fault.0))?;
+        outcome.result.map_err(LoadError::BadInfo)?;
+        let info = info.ok_or_else(|| LoadError::BadInfo("info returned nothing".into()))?;
         if info.name.is_empty() {
             return Err(LoadError::BadInfo("the name is empty".into()));
         }
@@ -400,6 +469,15 @@ struct Live {
     store: Store<HostState>,
     guest: StateMachine,
     instance: wasmtime::component::Instance,
+}
+
+/// Why an instance could not start.
+enum StartError {
+    /// A property of the module: instantiating it or its first call failed
+    /// the same way on every node.
+    Guest(String),
+    /// A failure of this node.
+    Host(HostFault),
 }
 
 enum Call<'a> {
@@ -536,51 +614,83 @@ impl GuestInstance {
 
     /// The live store and guest, instantiating them if needed.
     fn live(&mut self) -> Result<&mut Live, HostFault> {
-        if self.live.is_none() {
-            let limits = &self.module.runtime.limits;
-            let state = HostState {
-                base: self.base.clone(),
-                batch: std::mem::take(&mut self.batch),
-                undo: Vec::new(),
-                read_only: false,
-                fault: None,
-                violation: None,
-                limits: StoreLimitsBuilder::new()
-                    .memory_size(limits.memory_bytes)
-                    .instances(16)
-                    .memories(16)
-                    .tables(64)
-                    .build(),
-            };
-            let mut store = Store::new(&self.module.runtime.engine, state);
-            store.limiter(|s| &mut s.limits);
-            store
-                .set_fuel(limits.fuel_per_call)
-                .map_err(|e| HostFault(format!("setting fuel: {e}")))?;
-            let instantiate = |store: &mut Store<HostState>| -> wasmtime::Result<_> {
-                let instance = self.module.pre.instance_pre().instantiate(&mut *store)?;
-                let guest = StateMachine::new(&mut *store, &instance)?;
-                Ok((instance, guest))
-            };
-            let (instance, guest) = instantiate(&mut store).map_err(|e| {
-                HostFault(format!("instantiating guest {}: {e:#}", self.module.hash))
-            })?;
-            // The first export call of an instance runs one-time
-            // initialisation (such as static constructors). Doing it here,
-            // with a call whose result is discarded, makes every instance's
-            // first real call cost the same fuel as any later one.
-            guest.call_info(&mut store).map_err(|e| {
-                HostFault(format!("initialising guest {}: {e:#}", self.module.hash))
-            })?;
-            self.live = Some(Live {
-                store,
-                guest,
-                instance,
-            });
-        }
+        // The module instantiated once already when it was loaded, and
+        // instantiating reads no state: failing now is this node's fault.
+        self.start().map_err(|e| match e {
+            StartError::Guest(reason) => HostFault(format!(
+                "guest {} no longer instantiates: {reason}",
+                self.module.hash
+            )),
+            StartError::Host(fault) => fault,
+        })?;
         self.live
             .as_mut()
             .ok_or_else(|| HostFault("the guest instance vanished".into()))
+    }
+
+    /// Instantiates the guest unless it is live already.
+    fn start(&mut self) -> Result<(), StartError> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let limits = &self.module.runtime.limits;
+        let state = HostState {
+            base: self.base.clone(),
+            batch: std::mem::take(&mut self.batch),
+            undo: Vec::new(),
+            read_only: false,
+            fault: None,
+            violation: None,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .instances(16)
+                .memories(16)
+                .tables(64)
+                .build(),
+        };
+        let mut store = Store::new(&self.module.runtime.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store
+            .set_fuel(limits.fuel_per_call)
+            .map_err(|e| StartError::Host(HostFault(format!("setting fuel: {e}"))))?;
+        let hash = &self.module.hash;
+        let instantiated = self
+            .module
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .and_then(|instance| Ok((instance, StateMachine::new(&mut store, &instance)?)));
+        let (instance, guest) = instantiated.map_err(|e| {
+            // A trap (a data segment out of bounds, a start function that
+            // traps) is the module's; anything else, such as an exhausted
+            // instance pool or a failed mmap, is this node's.
+            if e.is::<Trap>() && !is_host_failure(&e) {
+                StartError::Guest(format!("instantiating it trapped: {}", e.root_cause()))
+            } else {
+                StartError::Host(HostFault(format!("instantiating guest {hash}: {e:#}")))
+            }
+        })?;
+        // The first export call of an instance runs one-time initialisation
+        // (such as static constructors). Doing it here, with a call whose
+        // result is discarded, makes every instance's first real call cost
+        // the same fuel as any later one.
+        if let Err(e) = guest.call_info(&mut store) {
+            if let Some(fault) = store.data_mut().fault.take() {
+                return Err(StartError::Host(HostFault(fault)));
+            }
+            let violation = store.data_mut().violation.take();
+            let reason =
+                describe_failure(e, violation, limits.fuel_per_call).map_err(StartError::Host)?;
+            return Err(StartError::Guest(format!(
+                "initialising it failed: {reason}"
+            )));
+        }
+        self.live = Some(Live {
+            store,
+            guest,
+            instance,
+        });
+        Ok(())
     }
 
     fn drop_instance(&mut self) {
