@@ -55,6 +55,33 @@ fn corrupt_cache_is_recompiled() {
     assert!(repaired.len() > 1000, "the corrupt entry was replaced");
 }
 
+/// A cache entry whose bytes changed after it was written (one flipped bit
+/// in the compiled code still passes wasmtime's header checks) is compiled
+/// again, never run.
+#[test]
+fn tampered_cache_entry_is_recompiled_not_loaded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    cached_runtime(dir.path())
+        .load(BUNDLED_GUEST)
+        .expect("loads");
+    let files = cache_files(dir.path());
+    assert_eq!(files.len(), 1, "one compiled guest: {files:?}");
+    let mut tampered = std::fs::read(&files[0]).expect("cache file");
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x01;
+    std::fs::write(&files[0], &tampered).expect("tamper with the cache");
+
+    let module = cached_runtime(dir.path())
+        .load(BUNDLED_GUEST)
+        .expect("recompiles");
+    assert_eq!(module.name(), "guest-kv");
+    let after = std::fs::read(&files[0]).expect("cache file");
+    assert_ne!(
+        after, tampered,
+        "the tampered entry was loaded, not replaced"
+    );
+}
+
 /// A state whose storage always fails.
 struct BrokenDisk;
 

@@ -2,20 +2,29 @@
 //!
 //! An entry is keyed by the module's SHA-256 and the engine's fingerprint
 //! (wasmtime version, compiler flags, CPU features, fuel settings), so a
-//! cache written by another build or configuration is never used. Only the
-//! node writes this directory, which is what makes loading native code from
-//! it acceptable; an entry that fails to load is deleted and recompiled.
+//! cache written by another build or configuration is never used.
+//!
+//! An entry file is the SHA-256 of the compiled artifact followed by the
+//! artifact, written together (temporary file, then rename). The digest is
+//! checked before any byte of it is mapped as code, so a file that changed
+//! on disk — bit rot, a torn copy, a hand edit — is recompiled, never run.
+//! An entry that fails the check or fails to load is deleted and recompiled.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use sha2::{Digest as _, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
 /// Bumped whenever the host changes how it compiles guests in a way the
-/// engine fingerprint cannot see.
-const SCHEMA: u32 = 1;
+/// engine fingerprint cannot see, or the entry format. (2: entries start
+/// with their digest; entries of schema 1 have none and are never read.)
+const SCHEMA: u32 = 2;
+
+/// The length of the digest that starts every entry.
+const DIGEST_LEN: usize = 32;
 
 /// A directory of compiled guests.
 #[derive(Debug, Clone)]
@@ -42,17 +51,29 @@ impl CompileCache {
             .join(format!("v{SCHEMA}-{hash}-{}.cwasm", self.fingerprint))
     }
 
-    /// The cached component for `hash`, if present and loadable. A corrupt or
-    /// stale entry is deleted.
+    /// The cached component for `hash`, if present, intact and loadable. A
+    /// corrupt, tampered or stale entry is deleted.
     pub fn load(&self, engine: &Engine, hash: &str) -> Option<Component> {
         let path = self.path(hash);
-        if !path.exists() {
+        let entry = match std::fs::read(&path) {
+            Ok(entry) => entry,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot read a compiled guest; compiling it again");
+                return None;
+            }
+        };
+        let intact = entry.len() > DIGEST_LEN
+            && Sha256::digest(&entry[DIGEST_LEN..]).as_slice() == &entry[..DIGEST_LEN];
+        if !intact {
+            tracing::warn!(path = %path.display(), "a compiled guest does not match its digest; compiling it again");
+            let _ = std::fs::remove_file(&path);
             return None;
         }
-        // SAFETY: only this node writes the cache directory, and it writes
-        // files with `store`, from `Component::serialize` of the same engine
-        // configuration; wasmtime checks the version and flags on load.
-        match unsafe { Component::deserialize_file(engine, &path) } {
+        // SAFETY: the artifact is byte for byte what `store` wrote, from
+        // `precompile_component` of an engine with this fingerprint (the
+        // digest says so), and wasmtime checks its version and flags again.
+        match unsafe { Component::deserialize(engine, &entry[DIGEST_LEN..]) } {
             Ok(component) => Some(component),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "dropping an unusable compiled guest");
@@ -82,6 +103,7 @@ impl CompileCache {
         let unique = STORES.fetch_add(1, Ordering::Relaxed);
         let tmp = path.with_extension(format!("{}-{unique}.tmp", std::process::id()));
         let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&Sha256::digest(artifact))?;
         file.write_all(artifact)?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)
@@ -132,5 +154,41 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(files.len(), 50, "only complete entries remain: {files:?}");
+    }
+
+    /// An entry whose artifact or digest changed, or that has no digest, is
+    /// not loaded; it is deleted so that the module is compiled again.
+    #[test]
+    fn entry_that_does_not_match_its_digest_is_not_loaded() {
+        let engine = Engine::default();
+        let artifact = engine
+            .precompile_component(b"\0asm\x0d\0\x01\0")
+            .expect("compiles");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = CompileCache::new(dir.path(), &engine);
+        let hash = format!("{:064x}", 1);
+        let path = cache.path(&hash);
+
+        type Tamper = (&'static str, fn(&mut Vec<u8>));
+        let tampers: [Tamper; 4] = [
+            ("a flipped artifact bit", |entry| {
+                let last = entry.len() - 1;
+                entry[last] ^= 1;
+            }),
+            ("a flipped digest bit", |entry| entry[0] ^= 1),
+            ("no digest", |entry| {
+                entry.drain(..DIGEST_LEN);
+            }),
+            ("a truncated file", |entry| entry.truncate(DIGEST_LEN)),
+        ];
+        for (what, tamper) in tampers {
+            cache.store(&hash, &artifact).expect("stores");
+            assert!(cache.load(&engine, &hash).is_some(), "intact before {what}");
+            let mut entry = std::fs::read(&path).expect("entry");
+            tamper(&mut entry);
+            std::fs::write(&path, &entry).expect("tamper");
+            assert!(cache.load(&engine, &hash).is_none(), "loaded with {what}");
+            assert!(!path.exists(), "kept an entry with {what}");
+        }
     }
 }
