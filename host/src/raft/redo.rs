@@ -67,7 +67,8 @@ pub fn is_head(key: &[u8]) -> bool {
     key == KEY_HEAD
 }
 
-fn chunk_key(seq: u64, index: u32) -> Vec<u8> {
+/// The key of chunk `index` of record `seq`.
+pub fn chunk_key(seq: u64, index: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(CHUNK_PREFIX.len() + 6);
     key.extend_from_slice(CHUNK_PREFIX);
     key.push(b'0' + (seq % 2) as u8);
@@ -128,6 +129,16 @@ pub fn commit(
     Ok(head)
 }
 
+/// Decodes a record's writes from its chunks, concatenated.
+///
+/// # Errors
+/// When the bytes are not an encoded list of writes.
+pub fn decode_writes(
+    bytes: &[u8],
+) -> Result<Vec<(ByteBuf, Option<ByteBuf>)>, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
 /// Re-applies the last recorded writes (they are absolute values, so doing
 /// them again is harmless) and returns the head.
 ///
@@ -144,10 +155,10 @@ pub fn recover(tree: &sled::Tree, disk: &Disk) -> Result<Option<RedoHead>, RedoE
         })?;
         bytes.extend_from_slice(&chunk);
     }
-    let writes: Vec<(ByteBuf, Option<ByteBuf>)> = if head.chunks == 0 {
+    let writes = if head.chunks == 0 {
         Vec::new()
     } else {
-        rmp_serde::from_slice(&bytes)
+        decode_writes(&bytes)
             .map_err(|e| RedoError::Damaged(format!("record {} does not decode: {e}", head.seq)))?
     };
     apply_writes(

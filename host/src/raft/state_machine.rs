@@ -314,6 +314,20 @@ fn read_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Checks that the entry under `key`, if any, decodes as a `T`.
+fn decodes<T: serde::de::DeserializeOwned>(
+    entries: &HashMap<&[u8], &[u8]>,
+    key: &[u8],
+    what: &str,
+) -> Result<(), String> {
+    match entries.get(key) {
+        Some(bytes) => rmp_serde::from_slice::<T>(bytes)
+            .map(drop)
+            .map_err(|e| format!("its {what} does not decode: {e}")),
+        None => Ok(()),
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, typ::StorageError> {
     rmp_serde::to_vec(value).map_err(write_err)
 }
@@ -355,7 +369,8 @@ impl StateMachineStore {
         match sm.stored_snapshot()? {
             Some(snapshot) if snapshot.meta.last_log_id > applied => {
                 tracing::info!(snapshot = ?snapshot.meta.last_log_id, ?applied, "finishing an interrupted snapshot install");
-                sm.replace_state(&snapshot.data)?;
+                let data = rmp_serde::from_slice(&snapshot.data).map_err(read_err)?;
+                sm.replace_state(data)?;
             }
             _ => {
                 redo::recover(&sm.tree, &sm.disk).map_err(read_err)?;
@@ -449,8 +464,7 @@ impl StateMachineStore {
     /// The redo head goes first and comes back last, so a crash part way
     /// leaves a state that reports an older applied id than the stored
     /// snapshot, and `open` installs it again.
-    fn replace_state(&mut self, data: &[u8]) -> Result<(), typ::StorageError> {
-        let data: SnapshotData = rmp_serde::from_slice(data).map_err(read_err)?;
+    fn replace_state(&mut self, data: SnapshotData) -> Result<(), typ::StorageError> {
         let gate = self.reader.gate.clone();
         gate.commit(|| {
             self.tree.remove(redo::KEY_HEAD).map_err(write_err)?;
@@ -477,6 +491,65 @@ impl StateMachineStore {
             }
             Ok(())
         })
+    }
+
+    /// Decodes a received snapshot and checks everything `open` and
+    /// [`Self::load_meta`] will read from it: the redo record (its head
+    /// names the snapshot's own last log id, its chunks are all there and
+    /// decode), the guest metadata, and that the active guest loads.
+    ///
+    /// # Errors
+    /// Why the snapshot cannot be installed.
+    fn check_snapshot(
+        &self,
+        meta: &typ::SnapshotMeta,
+        data: &[u8],
+    ) -> Result<SnapshotData, String> {
+        let decoded: SnapshotData =
+            rmp_serde::from_slice(data).map_err(|e| format!("it does not decode: {e}"))?;
+        let entries: HashMap<&[u8], &[u8]> = decoded
+            .entries
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        if entries.len() != decoded.entries.len() {
+            return Err("it holds a key twice".into());
+        }
+        let head: Option<RedoHead> = entries
+            .get(redo::KEY_HEAD)
+            .map(|bytes| rmp_serde::from_slice(bytes))
+            .transpose()
+            .map_err(|e| format!("its redo head does not decode: {e}"))?;
+        let applied = head.as_ref().and_then(|head| head.applied);
+        if applied != meta.last_log_id {
+            return Err(format!(
+                "its state is applied up to {applied:?}, but it claims {:?}",
+                meta.last_log_id
+            ));
+        }
+        if let Some(head) = &head {
+            let chunks = (0..head.chunks)
+                .map(|index| {
+                    entries
+                        .get(redo::chunk_key(head.seq, index).as_slice())
+                        .copied()
+                        .ok_or_else(|| format!("its redo record lacks chunk {index}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if head.chunks > 0 {
+                redo::decode_writes(&chunks.concat())
+                    .map_err(|e| format!("its redo record does not decode: {e}"))?;
+            }
+        }
+        decodes::<u64>(&entries, KEY_GUEST_SINCE, "guest index")?;
+        decodes::<String>(&entries, KEY_GUEST_HASH, "guest hash")?;
+        decodes::<Vec<SwapRecord>>(&entries, KEY_GUEST_HISTORY, "guest history")?;
+        if let Some(module) = entries.get(KEY_GUEST_MODULE) {
+            self.runtime
+                .load(module)
+                .map_err(|e| format!("its active guest does not load: {e}"))?;
+        }
+        Ok(decoded)
     }
 
     /// Applies one normal entry's operations; guest writes stay in the
@@ -735,6 +808,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), typ::StorageError> {
         let data = snapshot.into_inner();
+        // Checked before anything is stored: a stored snapshot is installed
+        // again by every `open` until it succeeds, so a bad one would keep
+        // the node from starting at all.
+        let decoded = self.check_snapshot(meta, &data).map_err(|reason| {
+            tracing::error!(snapshot = ?meta.last_log_id, %reason, "refusing a received snapshot");
+            read_err(format!(
+                "refusing snapshot {}: {reason}; nothing was stored",
+                meta.snapshot_id
+            ))
+        })?;
         // Stored first: if the node crashes while replacing the state, `open`
         // finishes the install from here.
         let stored = StoredSnapshot {
@@ -747,7 +830,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .insert(KEY_SNAPSHOT, encoded)
             .map_err(write_err)?;
         self.disk.flush().await.map_err(write_err)?;
-        self.replace_state(&stored.data)?;
+        self.replace_state(decoded)?;
         self.disk.flush().await.map_err(write_err)?;
         self.load_meta()?;
         self.applied = meta.last_log_id;
@@ -805,5 +888,136 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, LogId};
+
+    use super::*;
+    use crate::runtime::{BUNDLED_GUEST, Limits};
+
+    fn log_id(index: u64) -> typ::LogId {
+        LogId::new(CommittedLeaderId::new(1, 0), index)
+    }
+
+    fn entry(index: u64, ops: Vec<Op>) -> typ::Entry {
+        typ::Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Normal(Request {
+                time_ms: index,
+                ops,
+            }),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> anyhow::Result<StateMachineStore> {
+        let disk = Disk::open(dir.path())?;
+        let runtime = GuestRuntime::new(Limits::default(), None)?;
+        Ok(StateMachineStore::open(&disk, runtime)?)
+    }
+
+    /// A state machine running the bundled guest, with one key set, and a
+    /// snapshot of it.
+    async fn snapshot_of_a_used_state() -> anyhow::Result<typ::Snapshot> {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        let hash = hex::encode(sha2::Sha256::digest(BUNDLED_GUEST));
+        let set = guest_kv::command::Command::Set {
+            key: b"k",
+            value: b"v",
+            ttl_ms: 0,
+        };
+        sm.apply([
+            entry(
+                1,
+                vec![Op::StageGuest {
+                    module: BUNDLED_GUEST.to_vec(),
+                }],
+            ),
+            entry(2, vec![Op::ActivateGuest { hash, force: true }]),
+            entry(3, vec![Op::Apply(set.encode())]),
+        ])
+        .await?;
+        Ok(sm.get_snapshot_builder().await.build_snapshot().await?)
+    }
+
+    fn meta(index: u64) -> typ::SnapshotMeta {
+        typ::SnapshotMeta {
+            last_log_id: Some(log_id(index)),
+            last_membership: typ::StoredMembership::default(),
+            snapshot_id: format!("test-{index}"),
+        }
+    }
+
+    /// A received snapshot that does not decode is refused before it is
+    /// stored, so the node still opens afterwards, with its state intact.
+    #[tokio::test]
+    async fn undecodable_snapshot_is_refused_and_not_stored() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let mut sm = open(&dir)?;
+            let junk = Box::new(Cursor::new(b"not a snapshot".to_vec()));
+            let refused = sm.install_snapshot(&meta(7), junk).await;
+            assert!(refused.is_err(), "a junk snapshot was installed");
+            assert!(sm.get_current_snapshot().await?.is_none());
+        }
+        let mut sm = open(&dir)?;
+        assert_eq!(sm.applied_state().await?.0, None);
+        Ok(())
+    }
+
+    /// A snapshot that decodes but whose redo head is damaged, or that
+    /// claims another applied index than its metadata, is refused as well.
+    #[tokio::test]
+    async fn snapshot_with_a_damaged_head_is_refused() -> anyhow::Result<()> {
+        let good = snapshot_of_a_used_state().await?;
+        let data: SnapshotData = rmp_serde::from_slice(good.snapshot.get_ref())?;
+        let mut damaged = data.entries.clone();
+        for (key, value) in &mut damaged {
+            if redo::is_head(key) {
+                *value = serde_bytes::ByteBuf::from(vec![0xc1]);
+            }
+        }
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        let bad = rmp_serde::to_vec(&SnapshotData { entries: damaged })?;
+        let refused = sm
+            .install_snapshot(&good.meta, Box::new(Cursor::new(bad)))
+            .await;
+        assert!(refused.is_err(), "a damaged head was installed");
+
+        let elsewhere = rmp_serde::to_vec(&data)?;
+        let refused = sm
+            .install_snapshot(&meta(99), Box::new(Cursor::new(elsewhere)))
+            .await;
+        assert!(
+            refused.is_err(),
+            "a snapshot of index 3 was installed as 99"
+        );
+        assert!(sm.get_current_snapshot().await?.is_none());
+        drop(sm);
+        open(&dir)?;
+        Ok(())
+    }
+
+    /// The checks refuse nothing a node builds: a real snapshot installs and
+    /// survives a reopen.
+    #[tokio::test]
+    async fn snapshot_built_by_a_node_installs() -> anyhow::Result<()> {
+        let snapshot = snapshot_of_a_used_state().await?;
+        let dir = tempfile::tempdir()?;
+        {
+            let mut sm = open(&dir)?;
+            sm.install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
+                .await?;
+            assert_eq!(sm.applied_state().await?.0, Some(log_id(3)));
+        }
+        let mut sm = open(&dir)?;
+        assert_eq!(sm.applied_state().await?.0, Some(log_id(3)));
+        assert!(sm.reader().active().is_some(), "the guest came with it");
+        Ok(())
     }
 }
