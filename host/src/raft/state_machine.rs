@@ -15,7 +15,7 @@
 //! whole apply calls only. Snapshots copy the whole tree, so they carry the
 //! active guest too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,6 +38,13 @@ const KEY_GUEST_MODULE: &[u8] = b"\0guest/module";
 const KEY_GUEST_SINCE: &[u8] = b"\0guest/since";
 const KEY_GUEST_HISTORY: &[u8] = b"\0guest/history";
 const PREFIX_STAGED: &[u8] = b"\0staged/";
+const KEY_STAGED_ORDER: &[u8] = b"\0guest/staged-order";
+
+/// The most staged modules kept. Staging one more drops the one staged
+/// earliest; a successful activation drops the activated module and every
+/// one staged before it. Both depend only on the log, so every replica
+/// keeps the same ones.
+pub const MAX_STAGED: usize = 4;
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// The guest keys of the state tree, as the runtime's [`StateRead`].
@@ -270,6 +277,92 @@ struct StoredSnapshot {
     data: serde_bytes::ByteBuf,
 }
 
+/// Compiles staged modules on one background thread, in staging order, so
+/// that activating one finds it ready (and the compile cache filled)
+/// instead of compiling on the apply path. However many modules are
+/// staged, there is one compile at a time.
+#[derive(Debug)]
+struct Compiler {
+    /// The queue; `None` when the thread could not be started (activations
+    /// then compile on the apply path).
+    jobs: Option<std::sync::mpsc::Sender<(String, Vec<u8>)>>,
+    /// Hashes still staged: a job for a module dropped meanwhile is skipped.
+    wanted: Arc<Mutex<HashSet<String>>>,
+    /// Finished compiles of modules still staged, by hash.
+    done: Arc<Mutex<HashMap<String, GuestModule>>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Compiler {
+    /// Starts the compile thread; it ends when the compiler is dropped.
+    fn start(runtime: GuestRuntime) -> Self {
+        let (sender, receiver) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+        let wanted: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let done: Arc<Mutex<HashMap<String, GuestModule>>> = Arc::default();
+        let (thread_wanted, thread_done) = (wanted.clone(), done.clone());
+        let started = std::thread::Builder::new()
+            .name("guest-compile".into())
+            .spawn(move || {
+                for (hash, module) in receiver {
+                    if !locked(&thread_wanted).contains(&hash) {
+                        continue;
+                    }
+                    // A failure is not recorded: the activation loads the
+                    // module again and decides.
+                    if let Ok(loaded) = runtime.load(&module) {
+                        let wanted = locked(&thread_wanted);
+                        if wanted.contains(&hash) {
+                            locked(&thread_done).insert(hash, loaded);
+                        }
+                    }
+                }
+            });
+        let jobs = match started {
+            Ok(_) => Some(sender),
+            Err(error) => {
+                tracing::warn!(%error, "cannot start the guest compile thread; staged guests compile when activated");
+                None
+            }
+        };
+        Self { jobs, wanted, done }
+    }
+
+    /// Queues `module` for compiling.
+    fn enqueue(&self, hash: &str, module: &[u8]) {
+        if let Some(jobs) = &self.jobs
+            && locked(&self.wanted).insert(hash.to_owned())
+        {
+            let _ = jobs.send((hash.to_owned(), module.to_vec()));
+        }
+    }
+
+    /// The compiled module `hash`, if its compile finished.
+    fn take(&self, hash: &str) -> Option<GuestModule> {
+        locked(&self.wanted).remove(hash);
+        locked(&self.done).remove(hash)
+    }
+
+    /// Stops wanting `hash`: a queued compile of it is skipped, a finished
+    /// one thrown away.
+    fn forget(&self, hash: &str) {
+        let mut wanted = locked(&self.wanted);
+        wanted.remove(hash);
+        locked(&self.done).remove(hash);
+    }
+
+    /// Forgets every hash that is not in `staged`.
+    fn retain(&self, staged: &HashMap<String, Vec<u8>>) {
+        let mut wanted = locked(&self.wanted);
+        wanted.retain(|hash| staged.contains_key(hash));
+        locked(&self.done).retain(|hash, _| staged.contains_key(hash));
+    }
+}
+
 /// openraft's state machine over the sled tree `state`.
 #[derive(Debug)]
 pub struct StateMachineStore {
@@ -283,8 +376,10 @@ pub struct StateMachineStore {
     /// Staged module bytes by hash (also in the tree; kept here so that an
     /// activation applied in the same batch as its stage finds them).
     staged: HashMap<String, Vec<u8>>,
-    /// Staged modules whose background compile finished, by hash.
-    compiled: Arc<Mutex<HashMap<String, GuestModule>>>,
+    /// The staged hashes, earliest staged first (also in the tree).
+    staged_order: Vec<String>,
+    /// Compiles staged modules in the background.
+    compiler: Compiler,
     applied: Option<typ::LogId>,
     membership: typ::StoredMembership,
     time_ms: u64,
@@ -353,11 +448,12 @@ impl StateMachineStore {
             disk: disk.clone(),
             tree,
             snapshots,
-            runtime,
+            runtime: runtime.clone(),
             reader,
             instance: None,
             staged: HashMap::new(),
-            compiled: Arc::default(),
+            staged_order: Vec::new(),
+            compiler: Compiler::start(runtime.clone()),
             applied: None,
             membership: typ::StoredMembership::default(),
             time_ms: 0,
@@ -397,26 +493,38 @@ impl StateMachineStore {
         for item in self.tree.scan_prefix(PREFIX_STAGED) {
             let (key, module) = item.map_err(read_err)?;
             let hash = String::from_utf8_lossy(&key[PREFIX_STAGED.len()..]).into_owned();
-            self.compile_in_background(hash.clone(), module.to_vec());
             self.staged.insert(hash, module.to_vec());
+        }
+        // Modules staged before the order was recorded count as the
+        // earliest, in hash order: still the same on every replica.
+        let recorded: Vec<String> = read_meta(&self.tree, KEY_STAGED_ORDER)?.unwrap_or_default();
+        let mut unordered: Vec<String> = self
+            .staged
+            .keys()
+            .filter(|hash| !recorded.contains(hash))
+            .cloned()
+            .collect();
+        unordered.sort();
+        self.staged_order = unordered;
+        self.staged_order.extend(
+            recorded
+                .into_iter()
+                .filter(|hash| self.staged.contains_key(hash)),
+        );
+        self.compiler.retain(&self.staged);
+        for hash in &self.staged_order {
+            self.compiler.enqueue(hash, &self.staged[hash]);
         }
         self.load_active_guest()
     }
 
-    /// Compiles a staged module on another thread, so that activating it
-    /// finds it ready (and the compile cache filled) instead of compiling on
-    /// the apply path.
-    fn compile_in_background(&self, hash: String, module: Vec<u8>) {
-        let runtime = self.runtime.clone();
-        let compiled = self.compiled.clone();
-        std::thread::spawn(move || {
-            if let Ok(loaded) = runtime.load(&module) {
-                compiled
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(hash, loaded);
-            }
-        });
+    /// Drops the staged module `hash`: from the state (through `writes`),
+    /// from memory and from the compile queue.
+    fn drop_staged(&mut self, hash: &str, writes: &mut Vec<Write>) {
+        writes.push(([PREFIX_STAGED, hash.as_bytes()].concat(), None));
+        self.staged.remove(hash);
+        self.staged_order.retain(|h| h != hash);
+        self.compiler.forget(hash);
     }
 
     /// Loads the guest recorded in the state as active (or none).
@@ -544,6 +652,7 @@ impl StateMachineStore {
         decodes::<u64>(&entries, KEY_GUEST_SINCE, "guest index")?;
         decodes::<String>(&entries, KEY_GUEST_HASH, "guest hash")?;
         decodes::<Vec<SwapRecord>>(&entries, KEY_GUEST_HISTORY, "guest history")?;
+        decodes::<Vec<String>>(&entries, KEY_STAGED_ORDER, "staging order")?;
         if let Some(module) = entries.get(KEY_GUEST_MODULE) {
             self.runtime
                 .load(module)
@@ -605,8 +714,16 @@ impl StateMachineStore {
             [PREFIX_STAGED, hash.as_bytes()].concat(),
             Some(module.to_vec()),
         ));
-        self.compile_in_background(hash.clone(), module.to_vec());
         self.staged.insert(hash.clone(), module.to_vec());
+        self.staged_order.retain(|h| h != &hash);
+        self.staged_order.push(hash.clone());
+        while self.staged_order.len() > MAX_STAGED {
+            let earliest = self.staged_order[0].clone();
+            tracing::info!(hash = %earliest, "dropping the earliest staged guest");
+            self.drop_staged(&earliest, writes);
+        }
+        writes.push((KEY_STAGED_ORDER.to_vec(), Some(encode(&self.staged_order)?)));
+        self.compiler.enqueue(&hash, module);
         Ok(Ok(hash.into_bytes()))
     }
 
@@ -625,11 +742,7 @@ impl StateMachineStore {
                 "no staged guest has hash {hash}; stage it first"
             )));
         };
-        let ready = self
-            .compiled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(hash);
+        let ready = self.compiler.take(hash);
         // A replica whose background compile has not finished waits for it
         // here (it compiles now): it never skips the activation. Only a
         // verdict on the module refuses it; when this node failed to load
@@ -693,8 +806,22 @@ impl StateMachineStore {
         writes.push((KEY_GUEST_HASH.to_vec(), Some(encode(&hash)?)));
         writes.push((KEY_GUEST_MODULE.to_vec(), Some(module)));
         writes.push((KEY_GUEST_SINCE.to_vec(), Some(encode(&ctx.index)?)));
-        writes.push(([PREFIX_STAGED, hash.as_bytes()].concat(), None));
-        self.staged.remove(hash);
+        // The swap is done: this module and every one staged before it are
+        // dropped (those were abandoned or superseded); modules staged after
+        // it stay, so a deploy that raced with this one can still activate.
+        let done = self
+            .staged_order
+            .iter()
+            .position(|h| h == hash)
+            .map_or(0, |position| position + 1);
+        let finished: Vec<String> = self.staged_order.drain(..done).collect();
+        for staged in finished {
+            self.drop_staged(&staged, writes);
+        }
+        let order = (!self.staged_order.is_empty())
+            .then(|| encode(&self.staged_order))
+            .transpose()?;
+        writes.push((KEY_STAGED_ORDER.to_vec(), order));
         self.activate(Some(loaded), ctx.index);
         self.instance = Some(instance);
         tracing::info!(index = ctx.index, name = %record.name, version = %record.version, %hash, "guest activated");
@@ -1000,6 +1127,106 @@ mod tests {
         assert!(sm.get_current_snapshot().await?.is_none());
         drop(sm);
         open(&dir)?;
+        Ok(())
+    }
+
+    /// The bundled guest with a custom section appended: the same guest
+    /// under another hash.
+    fn variant(n: u8) -> Vec<u8> {
+        let mut module = BUNDLED_GUEST.to_vec();
+        module.extend_from_slice(&[0, 5, 3, b'p', b'a', b'd', n]);
+        module
+    }
+
+    fn hash_of(module: &[u8]) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(module))
+    }
+
+    fn stage(index: u64, module: Vec<u8>) -> typ::Entry {
+        entry(index, vec![Op::StageGuest { module }])
+    }
+
+    /// The staged hashes in the state, sorted.
+    fn staged(sm: &StateMachineStore) -> Vec<String> {
+        let mut hashes: Vec<String> = sm
+            .tree
+            .scan_prefix(PREFIX_STAGED)
+            .keys()
+            .map(|k| String::from_utf8_lossy(&k.expect("key")[PREFIX_STAGED.len()..]).into_owned())
+            .collect();
+        hashes.sort();
+        hashes
+    }
+
+    fn sorted(mut hashes: Vec<String>) -> Vec<String> {
+        hashes.sort();
+        hashes
+    }
+
+    /// At most MAX_STAGED modules stay staged; staging another drops the
+    /// one staged earliest, and staging a module again makes it the latest.
+    #[tokio::test]
+    async fn only_the_latest_staged_modules_are_kept() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        sm.apply((0..6).map(|n| stage(u64::from(n) + 1, variant(n))))
+            .await?;
+        let latest = (2..6).map(|n| hash_of(&variant(n))).collect();
+        assert_eq!(staged(&sm), sorted(latest));
+
+        sm.apply([stage(7, variant(2)), stage(8, variant(6))])
+            .await?;
+        let kept = [2, 4, 5, 6].map(|n| hash_of(&variant(n))).to_vec();
+        assert_eq!(staged(&sm), sorted(kept.clone()));
+
+        drop(sm);
+        let mut sm = open(&dir)?;
+        sm.apply([stage(9, variant(7))]).await?;
+        let kept = [2, 5, 6, 7].map(|n| hash_of(&variant(n))).to_vec();
+        assert_eq!(staged(&sm), sorted(kept), "the order survives a reopen");
+        Ok(())
+    }
+
+    /// A failed activation keeps the staged modules; a successful one drops
+    /// the activated module (it is now stored as the active guest) and every
+    /// module staged before it, but none staged after it.
+    #[tokio::test]
+    async fn successful_activation_drops_the_modules_staged_up_to_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        let (first, second, third) = (variant(0), variant(1), variant(2));
+        sm.apply([
+            stage(1, first.clone()),
+            stage(2, second.clone()),
+            stage(3, third.clone()),
+        ])
+        .await?;
+        let missing = Op::ActivateGuest {
+            hash: hash_of(&variant(9)),
+            force: true,
+        };
+        let refused = sm.apply([entry(3, vec![missing])]).await?;
+        assert!(refused[0].results[0].is_err());
+        assert_eq!(staged(&sm).len(), 3, "a failed activation drops nothing");
+
+        let activate = Op::ActivateGuest {
+            hash: hash_of(&second),
+            force: true,
+        };
+        let done = sm.apply([entry(4, vec![activate])]).await?;
+        assert!(done[0].results[0].is_ok(), "{:?}", done[0].results);
+        assert_eq!(staged(&sm), [hash_of(&third)]);
+
+        let activate = Op::ActivateGuest {
+            hash: hash_of(&third),
+            force: true,
+        };
+        sm.apply([entry(5, vec![activate])]).await?;
+        assert!(staged(&sm).is_empty(), "left staged: {:?}", staged(&sm));
+        assert!(sm.tree.get(KEY_STAGED_ORDER)?.is_none());
+        let active = sm.reader().active().expect("an active guest");
+        assert_eq!(active.module.hash(), hash_of(&third));
         Ok(())
     }
 
