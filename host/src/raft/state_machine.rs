@@ -799,8 +799,17 @@ impl StateMachineStore {
             hash: hash.to_owned(),
             forced: force,
         };
-        let mut history: Vec<SwapRecord> =
-            read_meta(&self.tree, KEY_GUEST_HISTORY)?.unwrap_or_default();
+        // An earlier activation in this apply call wrote the history only
+        // to `writes` so far; the newest value wins.
+        let pending = writes
+            .iter()
+            .rev()
+            .find(|(key, _)| key == KEY_GUEST_HISTORY)
+            .and_then(|(_, value)| value.as_deref());
+        let mut history: Vec<SwapRecord> = match pending {
+            Some(bytes) => rmp_serde::from_slice(bytes).map_err(read_err)?,
+            None => read_meta(&self.tree, KEY_GUEST_HISTORY)?.unwrap_or_default(),
+        };
         history.push(record.clone());
         writes.push((KEY_GUEST_HISTORY.to_vec(), Some(encode(&history)?)));
         writes.push((KEY_GUEST_HASH.to_vec(), Some(encode(&hash)?)));
@@ -1069,6 +1078,38 @@ mod tests {
         ])
         .await?;
         Ok(sm.get_snapshot_builder().await.build_snapshot().await?)
+    }
+
+    /// Two swaps in one apply call both reach the history: the second one
+    /// builds on the first one's record, which is not in the tree yet.
+    #[tokio::test]
+    async fn two_swaps_in_one_apply_call_keep_both_history_records() -> anyhow::Result<()> {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        let hash = hex::encode(sha2::Sha256::digest(BUNDLED_GUEST));
+        let stage = || Op::StageGuest {
+            module: BUNDLED_GUEST.to_vec(),
+        };
+        let activate = || Op::ActivateGuest {
+            hash: hash.clone(),
+            force: true,
+        };
+        let responses = sm
+            .apply([
+                entry(1, vec![stage()]),
+                entry(2, vec![activate()]),
+                entry(3, vec![stage()]),
+                entry(4, vec![activate()]),
+            ])
+            .await?;
+        for response in &responses {
+            assert!(response.results.iter().all(Result::is_ok), "{responses:?}");
+        }
+        let history = sm.reader().guest_history()?;
+        let indexes: Vec<u64> = history.iter().map(|record| record.index).collect();
+        assert_eq!(indexes, [2, 4]);
+        Ok(())
     }
 
     fn meta(index: u64) -> typ::SnapshotMeta {
