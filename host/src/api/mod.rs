@@ -25,10 +25,11 @@ mod query;
 /// The response header that names the leader's HTTP address.
 pub const LEADER_HEADER: &str = "x-raft-leader";
 
-/// The largest key accepted, in bytes.
-pub const MAX_KEY: usize = 1024;
-/// The largest value accepted, in bytes.
-pub const MAX_VALUE: usize = 1 << 20;
+/// The largest key accepted, in bytes: guest-kv's own limit, so that `/apply`
+/// cannot store what `/set` refuses.
+pub const MAX_KEY: usize = guest_kv::cache::MAX_KEY;
+/// The largest value accepted, in bytes: guest-kv's own limit.
+pub const MAX_VALUE: usize = guest_kv::cache::MAX_VALUE;
 /// The largest request body accepted (a value plus its encoding).
 const MAX_BODY: usize = MAX_VALUE + 64 * 1024;
 
