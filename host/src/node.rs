@@ -118,6 +118,13 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let open = config.check_security(listeners.http.local_addr()?, listeners.raft.local_addr()?)?;
+    for (flag, addr) in open {
+        tracing::warn!(
+            "INSECURE: --{flag}={addr} is reachable from other hosts and no cluster token is set \
+             (--insecure): anyone who reaches it can change this cluster's members, guest and state"
+        );
+    }
     std::fs::create_dir_all(&config.node)
         .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
     let db = sled::Config::new()
