@@ -67,6 +67,11 @@ pub struct NodeConfig {
     /// guest and, through the peer port, its state.
     #[arg(long)]
     pub insecure: bool,
+    /// A browser origin (`scheme://host[:port]`) allowed to send
+    /// state-changing requests; repeat for more. Without it, such requests
+    /// with an `Origin` other than this node's own address are refused.
+    #[arg(long, value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
     /// Followers forward writes to the leader instead of refusing them.
     #[arg(long)]
     pub forward_writes: bool,

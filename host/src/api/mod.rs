@@ -3,6 +3,9 @@
 //! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
 //!   and `/read_index` for followers' linearizable reads.
 //!
+//! State-changing requests from a foreign browser origin are refused before
+//! routing (see `origin`).
+//!
 //! Every error is an [`ApiError`], so status codes are decided in one place.
 
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use crate::raft::read_barrier::ReadError;
 pub mod cluster;
 pub mod guest;
 mod kv;
+mod origin;
 mod query;
 
 /// The response header that names the leader's HTTP address.
@@ -57,6 +61,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(negotiate))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            origin::check_origin,
+        ))
         .with_state(app)
 }
 
@@ -68,6 +76,9 @@ pub enum ApiError {
     BadRequest(String),
     /// 401: the cluster token is missing or wrong.
     Unauthorized,
+    /// 403: the request is not allowed from where it came (a foreign
+    /// browser origin).
+    Forbidden(String),
     /// 404 with an empty body: the key does not exist.
     NotFound,
     /// 409: a precondition failed; the body is the current value.
@@ -110,6 +121,7 @@ impl IntoResponse for ApiError {
                 StatusCode::UNAUTHORIZED,
                 b"this cluster requires its token: send `Authorization: Bearer <token>`".to_vec(),
             ),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m.into_bytes()),
             ApiError::Conflict(current) => (StatusCode::CONFLICT, current),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.into_bytes()),
             ApiError::Refused(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.into_bytes()),
