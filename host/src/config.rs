@@ -91,6 +91,21 @@ pub struct NodeConfig {
     /// reported unknown, milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub write_timeout_ms: u64,
+    /// Time a client has to send a request's headers (also how long an idle
+    /// keep-alive connection stays open), and a peer its hello, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// How long a connection may make no progress while the node waits for
+    /// it: a request body or a response a client does not read (HTTP); a
+    /// silent connection or a stalled frame (peer port). Milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// HTTP connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Peer-port connections served at once; more are closed.
+    #[arg(long, default_value_t = 64)]
+    pub max_peer_connections: usize,
 }
 
 /// Why a node refuses to start with its configuration.
@@ -120,6 +135,24 @@ impl NodeConfig {
     /// The write timeout.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// The bounds of each HTTP connection.
+    pub fn http_limits(&self) -> crate::http_server::ConnectionLimits {
+        crate::http_server::ConnectionLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections.max(1),
+        }
+    }
+
+    /// The bounds of each peer-port connection.
+    pub fn peer_limits(&self) -> crate::raft::peer_server::PeerLimits {
+        crate::raft::peer_server::PeerLimits {
+            hello_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_peer_connections.max(1),
+        }
     }
 
     /// Checks the token and the listening addresses (`http`, `raft`, as

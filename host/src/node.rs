@@ -186,6 +186,7 @@ pub async fn run(
         listeners.raft,
         raft.clone(),
         config.token.clone(),
+        config.peer_limits(),
         cancel.clone().cancelled_owned(),
     ));
 
@@ -227,13 +228,18 @@ pub async fn run(
         tokio::spawn(join_cluster(app.clone(), join));
     }
 
-    let server = axum::serve(listeners.http, api::router(app.clone()));
     tracing::info!("http server listening on {}", addrs.api_addr);
-    let served = server.with_graceful_shutdown(shutdown).await;
+    crate::http_server::serve(
+        listeners.http,
+        api::router(app.clone()),
+        config.http_limits(),
+        shutdown,
+    )
+    .await;
     cancel.cancel();
     let _ = raft.shutdown().await;
     db.flush_async().await?;
-    served.context("the http server failed")
+    Ok(())
 }
 
 /// A random node id for a new data directory.

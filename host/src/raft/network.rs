@@ -825,6 +825,7 @@ mod tests {
         tokio::spawn(crate::raft::peer_server::serve_with(
             listener,
             token,
+            crate::raft::peer_server::PeerLimits::default(),
             async move {
                 let _ = stopped.await;
             },
@@ -993,6 +994,7 @@ mod tests {
         tokio::spawn(crate::raft::peer_server::serve_with(
             listener,
             None,
+            crate::raft::peer_server::PeerLimits::default(),
             std::future::pending(),
             agreeable,
         ));
