@@ -103,6 +103,10 @@ pub struct NodeConfig {
     /// HTTP connections served at once; more are answered 503 and closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// How long a joining node has to catch up as a learner before it is
+    /// removed again instead of becoming a voter, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub join_timeout_ms: u64,
     /// Peer-port connections served at once; more are closed.
     #[arg(long, default_value_t = 64)]
     pub max_peer_connections: usize,
@@ -135,6 +139,11 @@ impl NodeConfig {
     /// The write timeout.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// How long a joining node has to catch up.
+    pub fn join_timeout(&self) -> Duration {
+        Duration::from_millis(self.join_timeout_ms)
     }
 
     /// The bounds of each HTTP connection.

@@ -83,6 +83,8 @@ pub enum ApiError {
     NotFound,
     /// 409: a precondition failed; the body is the current value.
     Conflict(Vec<u8>),
+    /// 409: a joining node's address belongs to another member.
+    AddressTaken(String),
     /// 413: a key, value or body is too large.
     TooLarge(String),
     /// 421: this node does not serve this request; `message` is the body and
@@ -98,6 +100,9 @@ pub enum ApiError {
     /// 504: the write was proposed but not seen committed; its outcome is
     /// unknown.
     Unknown(String),
+    /// 504: something this request waits for (a joining node, a leadership
+    /// confirmation) did not happen in time; nothing changed.
+    TimedOut(String),
     /// 500: a fault on this node.
     Internal(String),
 }
@@ -123,6 +128,8 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m.into_bytes()),
             ApiError::Conflict(current) => (StatusCode::CONFLICT, current),
+            ApiError::AddressTaken(m) => (StatusCode::CONFLICT, m.into_bytes()),
+            ApiError::TimedOut(m) => (StatusCode::GATEWAY_TIMEOUT, m.into_bytes()),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.into_bytes()),
             ApiError::Refused(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.into_bytes()),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m.into_bytes()),
