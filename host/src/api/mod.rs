@@ -63,6 +63,10 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::middleware::from_fn(negotiate))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
+            token_before_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
             origin::check_origin,
         ))
         .with_state(app)
@@ -205,6 +209,22 @@ pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError::Unauthorized)
     }
+}
+
+/// Checks the token of the operator routes that read a body (`POST /guest`,
+/// `/join`, `/remove`) before the body is read, so that nobody without the
+/// token can make a node receive an 8 MiB upload.
+async fn token_before_body(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let operator = request.method() == Method::POST
+        && matches!(request.uri().path(), "/guest" | "/join" | "/remove");
+    if operator && let Err(error) = require_token(&app, request.headers()) {
+        return error.into_response();
+    }
+    next.run(request).await
 }
 
 /// A request that may have to be relayed to the leader: what a follower
