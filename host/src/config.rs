@@ -103,6 +103,10 @@ pub struct NodeConfig {
     /// HTTP connections served at once; more are answered 503 and closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// The most bytes of client writes waiting for their commit; a write
+    /// beyond it is answered 503.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_write_queue_bytes: usize,
     /// How long a joining node has to catch up as a learner before it is
     /// removed again instead of becoming a voter, milliseconds.
     #[arg(long, default_value_t = 10_000)]

@@ -59,6 +59,8 @@ pub struct App {
     pub config: NodeConfig,
     /// Gathers writes into log entries.
     pub batcher: Batcher,
+    /// Bounds the bytes of client writes waiting for their commit.
+    pub write_queue: api::write_queue::WriteQueue,
     /// Batches leadership confirmations for linearizable reads.
     pub reads: ReadBarrier,
     /// Queries and the active guest.
@@ -195,6 +197,7 @@ pub async fn run(
         id,
         addrs: addrs.clone(),
         batcher: Batcher::start(raft.clone(), config.write_timeout(), metrics.clone()),
+        write_queue: api::write_queue::WriteQueue::new(config.max_write_queue_bytes),
         reads: ReadBarrier::start(raft.clone()),
         raft: raft.clone(),
         config: config.clone(),

@@ -96,6 +96,7 @@ fn ttl_ms(params: &Params) -> Result<u64, ApiError> {
 /// Proposes a guest command and returns the guest's answer bytes. A
 /// follower refuses, or forwards with `--forward-writes`.
 async fn write(app: &App, command: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+    let _queued = app.write_queue.admit(command.len())?;
     let result = app.batcher.write(Op::Apply(command)).await;
     match result {
         Ok(Ok(answer)) => {

@@ -25,6 +25,7 @@ pub mod guest;
 mod kv;
 mod origin;
 mod query;
+pub mod write_queue;
 
 /// The response header that names the leader's HTTP address.
 pub const LEADER_HEADER: &str = "x-raft-leader";
