@@ -103,6 +103,10 @@ pub struct NodeConfig {
     /// HTTP connections served at once; more are answered 503 and closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// How long a linearizable read (or lease read without a lease) may wait
+    /// for its leadership confirmation before it answers 504, milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub read_timeout_ms: u64,
     /// The most bytes of client writes waiting for their commit; a write
     /// beyond it is answered 503.
     #[arg(long, default_value_t = 64 << 20)]
@@ -143,6 +147,11 @@ impl NodeConfig {
     /// The write timeout.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// How long a linearizable read may wait for its confirmation.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
     }
 
     /// How long a joining node has to catch up.

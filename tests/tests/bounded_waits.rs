@@ -1,8 +1,9 @@
 //! Nothing a client sends makes a node wait or hold memory without a bound:
-//! a guest upload without the token is refused before its body is read, and
-//! the write queue is bounded in bytes.
+//! a guest upload without the token is refused before its body is read, the
+//! write queue is bounded in bytes, and a linearizable read that cannot be
+//! confirmed gives up with 504.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use raftwasm_tests::cluster::TestCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,5 +54,49 @@ async fn a_full_write_queue_is_refused_with_503() -> anyhow::Result<()> {
         "{answers:?}"
     );
     assert_eq!((answers[1].0, answers[2].0), (504, 504), "{answers:?}");
+    Ok(())
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to node `i`.
+fn signal(cluster: &TestCluster, i: usize, signal: &str) -> anyhow::Result<()> {
+    let pid = cluster.nodes[i].pid().expect("the node runs");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_linearizable_read_that_cannot_be_confirmed_answers_504() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2, &["--read-timeout-ms=1000"]).await?;
+    let leader = cluster.leader().await?;
+    let follower = 1 - leader;
+    // A frozen leader accepts the follower's read-index request and never
+    // answers it.
+    signal(&cluster, leader, "STOP")?;
+    let pid = cluster.nodes[leader].pid().expect("the node runs");
+    cluster
+        .wait_for("the leader to be stopped", || async {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            anyhow::ensure!(state == Some('T'), "state {state:?}");
+            Ok(())
+        })
+        .await?;
+    let start = Instant::now();
+    let answer = cluster.get(follower, "/get?key=k").await;
+    signal(&cluster, leader, "CONT")?;
+    let (code, body) = answer?;
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("could not confirm"), "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     Ok(())
 }

@@ -310,5 +310,9 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
 /// `GET /read_index`: on the leader, confirms leadership with a quorum and
 /// answers the index a follower must apply before a linearizable read.
 pub async fn read_index(State(app): State<Arc<App>>) -> Result<String, ApiError> {
-    Ok(app.reads.confirm().await?.to_string())
+    let timeout = app.config.read_timeout();
+    let confirmed = tokio::time::timeout(timeout, app.reads.confirm())
+        .await
+        .map_err(|_| super::kv::read_timed_out(timeout))??;
+    Ok(confirmed.to_string())
 }

@@ -121,11 +121,16 @@ async fn read(app: &App, consistency: Consistency, request: &[u8]) -> Result<Vec
         Consistency::Stale => {}
         Consistency::Lease if app.is_leader() && lease_holds(app) => {}
         Consistency::Linearizable | Consistency::Lease => {
-            if app.is_leader() {
-                app.reads.confirm().await?;
-            } else {
-                follower_catch_up(app).await?;
-            }
+            let timeout = app.config.read_timeout();
+            let confirmed = tokio::time::timeout(timeout, async {
+                if app.is_leader() {
+                    app.reads.confirm().await?;
+                } else {
+                    follower_catch_up(app).await?;
+                }
+                Ok::<_, ApiError>(())
+            });
+            confirmed.await.map_err(|_| read_timed_out(timeout))??;
         }
     }
     app.metrics
@@ -136,6 +141,14 @@ async fn read(app: &App, consistency: Consistency, request: &[u8]) -> Result<Vec
         .query(now_ms(), request)
         .map_err(|fault| ApiError::Unavailable(fault.to_string()))?;
     outcome.result.map_err(ApiError::Refused)
+}
+
+/// The answer to a read whose consistency could not be established in time.
+pub(super) fn read_timed_out(timeout: std::time::Duration) -> ApiError {
+    ApiError::TimedOut(format!(
+        "could not confirm this read with a quorum within {timeout:?} (--read-timeout-ms); \
+         retry, or read with consistency=stale"
+    ))
 }
 
 /// Whether a quorum acknowledged this leader recently enough that no other
