@@ -28,6 +28,19 @@ pub trait Store {
 /// expiries is spread over several entries instead of slowing one.
 pub const SWEEP_LIMIT: u32 = 16;
 
+/// How many key and value bytes one sweep reads at most (it always removes
+/// at least one expired key, so expiry keeps moving). With [`SWEEP_LIMIT`]
+/// this bounds the sweep's cost by size, not only by count: the sweep runs in
+/// the same call, under the same fuel budget, as the entry's first command,
+/// so it must leave that command enough to succeed.
+pub const SWEEP_BYTES: usize = 256 << 10;
+
+/// The largest key a command may carry, in bytes (the HTTP API's limit too).
+pub const MAX_KEY: usize = 1024;
+
+/// The largest value a command may store, in bytes (the HTTP API's limit too).
+pub const MAX_VALUE: usize = 1 << 20;
+
 const DATA: u8 = b'd';
 const EXPIRY: u8 = b'x';
 
@@ -41,6 +54,10 @@ pub enum Refusal {
     WriteInQuery,
     /// The key is empty.
     EmptyKey,
+    /// The key is longer than [`MAX_KEY`]; its length.
+    KeyTooLarge(usize),
+    /// The value is longer than [`MAX_VALUE`]; its length.
+    ValueTooLarge(usize),
 }
 
 impl core::fmt::Display for Refusal {
@@ -49,6 +66,12 @@ impl core::fmt::Display for Refusal {
             Refusal::Malformed(e) => e.fmt(f),
             Refusal::WriteInQuery => f.write_str("a query cannot change state; send it as a write"),
             Refusal::EmptyKey => f.write_str("the key is empty"),
+            Refusal::KeyTooLarge(len) => {
+                write!(f, "the key is {len} bytes; the limit is {MAX_KEY}")
+            }
+            Refusal::ValueTooLarge(len) => {
+                write!(f, "the value is {len} bytes; the limit is {MAX_VALUE}")
+            }
         }
     }
 }
@@ -69,9 +92,7 @@ pub fn apply(
         sweep_expired(store, now_ms);
     }
     let command = Command::decode(command).map_err(Refusal::Malformed)?;
-    if command.key().is_empty() {
-        return Err(Refusal::EmptyKey);
-    }
+    check_limits(&command)?;
     Ok(match command {
         Command::Set { key, value, ttl_ms } => {
             put(store, now_ms, key, value, ttl_ms);
@@ -111,10 +132,31 @@ pub fn apply(
 /// # Errors
 /// A [`Refusal`] for a malformed request or a write.
 pub fn query(store: &mut impl Store, now_ms: u64, request: &[u8]) -> Result<Response, Refusal> {
-    match Command::decode(request).map_err(Refusal::Malformed)? {
-        Command::Get { key: b"" } => Err(Refusal::EmptyKey),
-        Command::Get { key } => Ok(Response::Value(read(store, now_ms, key))),
-        _ => Err(Refusal::WriteInQuery),
+    let command = Command::decode(request).map_err(Refusal::Malformed)?;
+    if command.is_write() {
+        return Err(Refusal::WriteInQuery);
+    }
+    check_limits(&command)?;
+    Ok(Response::Value(read(store, now_ms, command.key())))
+}
+
+/// Refuses an empty or oversized key and an oversized value, so that no
+/// command, however it reached the log, stores more than the HTTP API allows.
+fn check_limits(command: &Command<'_>) -> Result<(), Refusal> {
+    let key = command.key();
+    if key.is_empty() {
+        return Err(Refusal::EmptyKey);
+    }
+    if key.len() > MAX_KEY {
+        return Err(Refusal::KeyTooLarge(key.len()));
+    }
+    match *command {
+        Command::Set { value, .. } | Command::CompareAndSet { value, .. }
+            if value.len() > MAX_VALUE =>
+        {
+            Err(Refusal::ValueTooLarge(value.len()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -144,14 +186,32 @@ fn read_entry(store: &mut impl Store, now_ms: u64, key: &[u8]) -> Option<Vec<u8>
     (expires_at == 0 || expires_at > now_ms).then_some(stored)
 }
 
+/// Removes up to [`SWEEP_LIMIT`] expired keys, oldest first, stopping once
+/// [`SWEEP_BYTES`] have been read. Index entries are fetched one at a time
+/// (the ones already removed are hidden by the pending deletes), so a key
+/// stored before the limits existed costs its own size and no more.
 fn sweep_expired(store: &mut impl Store, now_ms: u64) {
     let start = [EXPIRY];
     let end = expiry_key(now_ms.saturating_add(1), &[]);
-    for (index_key, _) in store.scan(&start, &end, SWEEP_LIMIT) {
-        let (expires_at, key) = index_key[1..].split_at(8);
+    let mut read = 0;
+    for _ in 0..SWEEP_LIMIT {
+        if read >= SWEEP_BYTES {
+            break;
+        }
+        let Some((index_key, _)) = store.scan(&start, &end, 1).pop() else {
+            break;
+        };
+        read += index_key.len();
+        // A malformed index entry (no expiry) cannot come from this guest;
+        // it is dropped so that it cannot block the sweep.
+        let Some((expires_at, key)) = index_key.get(1..).and_then(|k| k.split_at_checked(8)) else {
+            store.delete(&index_key);
+            continue;
+        };
         let data = data_key(key);
-        let still_due = store
-            .get(&data)
+        let stored = store.get(&data);
+        read += stored.as_ref().map_or(0, Vec::len);
+        let still_due = stored
             .and_then(|stored| expiry_of(&stored))
             .is_some_and(|at| at.to_le_bytes() == u64_be_to_le(expires_at));
         if still_due {
@@ -299,5 +359,88 @@ mod tests {
         let empty = Command::Get { key: b"" }.encode();
         assert_eq!(query(&mut store, 0, &empty), Err(Refusal::EmptyKey));
         assert_eq!(apply(&mut store, 0, false, &empty), Err(Refusal::EmptyKey));
+    }
+
+    #[test]
+    fn oversized_keys_and_values_are_refused() {
+        let mut store = MemoryStore::default();
+        let long_key = vec![b'k'; MAX_KEY + 1];
+        let big_value = vec![b'v'; MAX_VALUE + 1];
+        let commands = [
+            (
+                Command::Set {
+                    key: &long_key,
+                    value: b"v",
+                    ttl_ms: 1,
+                },
+                Refusal::KeyTooLarge(MAX_KEY + 1),
+            ),
+            (
+                Command::Set {
+                    key: b"k",
+                    value: &big_value,
+                    ttl_ms: 0,
+                },
+                Refusal::ValueTooLarge(MAX_VALUE + 1),
+            ),
+            (
+                Command::CompareAndSet {
+                    key: b"k",
+                    expected: None,
+                    value: &big_value,
+                    ttl_ms: 0,
+                },
+                Refusal::ValueTooLarge(MAX_VALUE + 1),
+            ),
+            (
+                Command::Delete { key: &long_key },
+                Refusal::KeyTooLarge(MAX_KEY + 1),
+            ),
+        ];
+        for (command, refusal) in commands {
+            assert_eq!(apply(&mut store, 0, true, &command.encode()), Err(refusal));
+        }
+        let get = Command::Get { key: &long_key }.encode();
+        assert_eq!(
+            query(&mut store, 0, &get),
+            Err(Refusal::KeyTooLarge(MAX_KEY + 1))
+        );
+        assert!(store.0.is_empty(), "a refused command wrote {:?}", store.0);
+        let longest = vec![b'k'; MAX_KEY];
+        let largest = vec![b'v'; MAX_VALUE];
+        let set = Command::Set {
+            key: &longest,
+            value: &largest,
+            ttl_ms: 0,
+        };
+        assert_eq!(run(&mut store, 0, set), Response::Done);
+    }
+
+    #[test]
+    fn sweep_stops_after_its_byte_budget_but_always_progresses() {
+        let mut store = MemoryStore::default();
+        let value = vec![b'v'; SWEEP_BYTES / 2];
+        for i in 0..8u8 {
+            let set = Command::Set {
+                key: &[b'k', i],
+                value: &value,
+                ttl_ms: 10,
+            };
+            run(&mut store, 0, set);
+        }
+        let get = Command::Get { key: b"other" };
+        run(&mut store, 100, get.clone());
+        // Two values fill the budget; the third is not read.
+        assert_eq!(store.0.len(), 2 * 6, "left {} entries", store.0.len());
+
+        // An entry larger than the whole budget is still removed.
+        let mut store = MemoryStore::default();
+        let huge = vec![b'v'; SWEEP_BYTES * 2];
+        for i in 0..2u8 {
+            store.set(&data_key(&[i]), &[&5u64.to_le_bytes()[..], &huge].concat());
+            store.set(&expiry_key(5, &[i]), &[]);
+        }
+        run(&mut store, 100, get);
+        assert_eq!(store.0.len(), 2, "one of two oversized keys is swept");
     }
 }

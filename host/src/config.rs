@@ -2,6 +2,7 @@
 //! `--node`, `--bootstrap`, `--join`, plus what a real node needs) and the
 //! client subcommands.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,9 +58,20 @@ pub struct NodeConfig {
     #[arg(long)]
     pub id: Option<u64>,
     /// Cluster token: when set, joining, removing members, deploying guests
-    /// and the peer port all require it. Give every node the same one.
+    /// and the peer port all require it. Give every node the same one. An
+    /// empty token is refused.
     #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Listen on a non-loopback address (--http or --raft) without a token.
+    /// Anyone who reaches such a node can then change its membership, its
+    /// guest and, through the peer port, its state.
+    #[arg(long)]
+    pub insecure: bool,
+    /// A browser origin (`scheme://host[:port]`) allowed to send
+    /// state-changing requests; repeat for more. Without it, such requests
+    /// with an `Origin` other than this node's own address are refused.
+    #[arg(long, value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
     /// Followers forward writes to the leader instead of refusing them.
     #[arg(long)]
     pub forward_writes: bool,
@@ -87,12 +99,121 @@ pub struct NodeConfig {
     /// Several nodes sharing a few cores run faster with 1 or 2 each.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
+    /// Time a client has to send a request's headers (also how long an idle
+    /// keep-alive connection stays open), and a peer its hello, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// How long a connection may make no progress while the node waits for
+    /// it: a request body or a response a client does not read (HTTP); a
+    /// silent connection or a stalled frame (peer port). Milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// HTTP connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// How long a linearizable read (or lease read without a lease) may wait
+    /// for its leadership confirmation before it answers 504, milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub read_timeout_ms: u64,
+    /// The most bytes of client writes waiting for their commit; a write
+    /// beyond it is answered 503.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_write_queue_bytes: usize,
+    /// How long a joining node has to catch up as a learner before it is
+    /// removed again instead of becoming a voter, milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub join_timeout_ms: u64,
+    /// Peer-port connections served at once; more are closed.
+    #[arg(long, default_value_t = 64)]
+    pub max_peer_connections: usize,
+}
+
+/// Why a node refuses to start with its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--token ''` or `RAFTWASM_TOKEN=`: would read as "a token is set" and
+    /// let requests without one through.
+    #[error(
+        "the cluster token is empty; set --token (or RAFTWASM_TOKEN) to a secret, or leave it unset"
+    )]
+    EmptyToken,
+    /// A non-loopback listener without a token and without `--insecure`.
+    #[error(
+        "--{flag}={addr} is not a loopback address and no cluster token is set, so anyone who \
+         reaches it could change the cluster; set --token (or RAFTWASM_TOKEN), listen on \
+         127.0.0.1, or pass --insecure to allow it anyway"
+    )]
+    OpenWithoutToken {
+        /// The flag that names the address.
+        flag: &'static str,
+        /// The address the node listens on.
+        addr: SocketAddr,
+    },
 }
 
 impl NodeConfig {
     /// The write timeout.
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// How long a linearizable read may wait for its confirmation.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+
+    /// How long a joining node has to catch up.
+    pub fn join_timeout(&self) -> Duration {
+        Duration::from_millis(self.join_timeout_ms)
+    }
+
+    /// The bounds of each HTTP connection.
+    pub fn http_limits(&self) -> crate::http_server::ConnectionLimits {
+        crate::http_server::ConnectionLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections.max(1),
+        }
+    }
+
+    /// The bounds of each peer-port connection.
+    pub fn peer_limits(&self) -> crate::raft::peer_server::PeerLimits {
+        crate::raft::peer_server::PeerLimits {
+            hello_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_peer_connections.max(1),
+        }
+    }
+
+    /// Checks the token and the listening addresses (`http`, `raft`, as
+    /// bound) before the node serves anything: a token must not be empty, and
+    /// a node without one listens on loopback only, unless `--insecure`.
+    /// Returns the non-loopback addresses `--insecure` lets through, so the
+    /// caller can warn about them.
+    ///
+    /// # Errors
+    /// [`ConfigError`] saying which flag to change.
+    pub fn check_security(
+        &self,
+        http: SocketAddr,
+        raft: SocketAddr,
+    ) -> Result<Vec<(&'static str, SocketAddr)>, ConfigError> {
+        match self.token.as_deref() {
+            Some("") => Err(ConfigError::EmptyToken),
+            Some(_) => Ok(Vec::new()),
+            None => {
+                let open: Vec<_> = [("http", http), ("raft", raft)]
+                    .into_iter()
+                    .filter(|(_, addr)| !addr.ip().to_canonical().is_loopback())
+                    .collect();
+                match open.first() {
+                    Some(&(flag, addr)) if !self.insecure => {
+                        Err(ConfigError::OpenWithoutToken { flag, addr })
+                    }
+                    _ => Ok(open),
+                }
+            }
+        }
     }
 }
 
@@ -140,5 +261,43 @@ mod tests {
         assert_eq!(cli.node.join.as_deref(), Some("127.0.0.1:6000"));
         let cli = parse(&["raftwasm", "--bootstrap=false"]);
         assert!(!cli.node.bootstrap);
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn an_empty_token_is_refused() {
+        let cli = parse(&["raftwasm", "--token="]);
+        let checked = cli
+            .node
+            .check_security(addr("127.0.0.1:1"), addr("127.0.0.1:2"));
+        assert!(matches!(checked, Err(ConfigError::EmptyToken)));
+    }
+
+    #[test]
+    fn only_loopback_is_open_without_a_token() {
+        let loopback = parse(&["raftwasm"]).node;
+        for (http, raft) in [
+            ("127.0.0.1:1", "127.0.0.2:2"),
+            ("[::1]:1", "[::ffff:127.0.0.1]:2"),
+        ] {
+            assert!(loopback.check_security(addr(http), addr(raft)).is_ok());
+        }
+        let refused = loopback.check_security(addr("127.0.0.1:1"), addr("0.0.0.0:2"));
+        assert!(matches!(
+            refused,
+            Err(ConfigError::OpenWithoutToken { flag: "raft", .. })
+        ));
+        let insecure = parse(&["raftwasm", "--insecure"]).node;
+        let open = insecure.check_security(addr("10.0.0.1:1"), addr("127.0.0.1:2"));
+        assert_eq!(open.ok(), Some(vec![("http", addr("10.0.0.1:1"))]));
+        let token = parse(&["raftwasm", "--token=s3cret"]).node;
+        assert!(
+            token
+                .check_security(addr("0.0.0.0:1"), addr("0.0.0.0:2"))
+                .is_ok()
+        );
     }
 }

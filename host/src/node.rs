@@ -60,6 +60,8 @@ pub struct App {
     pub config: NodeConfig,
     /// Gathers writes into log entries.
     pub batcher: Batcher,
+    /// Bounds the bytes of client writes waiting for their commit.
+    pub write_queue: api::write_queue::WriteQueue,
     /// Batches leadership confirmations for linearizable reads.
     pub reads: ReadBarrier,
     /// Queries and the active guest.
@@ -119,6 +121,13 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let open = config.check_security(listeners.http.local_addr()?, listeners.raft.local_addr()?)?;
+    for (flag, addr) in open {
+        tracing::warn!(
+            "INSECURE: --{flag}={addr} is reachable from other hosts and no cluster token is set \
+             (--insecure): anyone who reaches it can change this cluster's members, guest and state"
+        );
+    }
     std::fs::create_dir_all(&config.node)
         .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
     let disk = Disk::open(&config.node.join("db"))
@@ -178,6 +187,7 @@ pub async fn run(
         listeners.raft,
         raft.clone(),
         config.token.clone(),
+        config.peer_limits(),
         cancel.clone().cancelled_owned(),
     ));
 
@@ -191,6 +201,7 @@ pub async fn run(
             config.write_timeout(),
             metrics.clone(),
         ),
+        write_queue: api::write_queue::WriteQueue::new(config.max_write_queue_bytes),
         reads: ReadBarrier::start(raft.clone()),
         raft: raft.clone(),
         config: config.clone(),
@@ -224,13 +235,18 @@ pub async fn run(
         tokio::spawn(join_cluster(app.clone(), join));
     }
 
-    let server = axum::serve(listeners.http, api::router(app.clone()));
     tracing::info!("http server listening on {}", addrs.api_addr);
-    let served = server.with_graceful_shutdown(shutdown).await;
+    crate::http_server::serve(
+        listeners.http,
+        api::router(app.clone()),
+        config.http_limits(),
+        shutdown,
+    )
+    .await;
     cancel.cancel();
     let _ = raft.shutdown().await;
     disk.flush().await?;
-    served.context("the http server failed")
+    Ok(())
 }
 
 /// A random node id for a new data directory.

@@ -135,6 +135,16 @@ impl TestCluster {
 
     /// Starts node `i` with its addresses, data dir and `args`.
     pub fn spawn(&mut self, i: usize, args: &[&str]) -> anyhow::Result<()> {
+        self.spawn_with_env(i, args, &[])
+    }
+
+    /// [`TestCluster::spawn`] with extra environment variables for the node.
+    pub fn spawn_with_env(
+        &mut self,
+        i: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         anyhow::ensure!(node.child.is_none(), "node {i} is already running");
         let log = std::fs::OpenOptions::new()
@@ -149,6 +159,8 @@ impl TestCluster {
             .args(args)
             .env("RUST_LOG", "info,raftwasm=debug,openraft=warn")
             .env("NO_COLOR", "1")
+            .env_remove("RAFTWASM_TOKEN")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -163,6 +175,26 @@ impl TestCluster {
         if let Some(mut child) = self.nodes[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Waits until node `i` exits on its own and returns its exit status; the
+    /// node counts as stopped afterwards.
+    pub async fn wait_for_exit(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let child = self.nodes[i]
+                .child
+                .as_mut()
+                .with_context(|| format!("node {i} is not running"))?;
+            if let Some(status) = child.try_wait()? {
+                self.nodes[i].child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("node {i} still runs after {DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

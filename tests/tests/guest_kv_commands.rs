@@ -119,3 +119,69 @@ fn malformed_commands_are_refused_without_writes() {
     );
     assert!(kv.state.entries().is_empty());
 }
+
+/// guest-kv's data entry for `key`: expiry (little-endian) and value.
+fn data_entry(key: &[u8], expires_at: u64, value: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+    let stored = [&expires_at.to_le_bytes()[..], value].concat();
+    ([b"d", key].concat(), Some(stored))
+}
+
+/// guest-kv's expiry index entry for `key`.
+fn index_entry(key: &[u8], expires_at: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    let index = [&b"x"[..], &expires_at.to_be_bytes(), key].concat();
+    (index, Some(Vec::new()))
+}
+
+#[test]
+fn oversized_keys_and_values_are_refused_by_the_guest() {
+    let mut kv = replica();
+    let long_key = vec![b'k'; 1025];
+    let set = Command::Set {
+        key: &long_key,
+        value: b"v",
+        ttl_ms: 1,
+    };
+    let refused = kv.apply(0, &set.encode()).result.expect_err("refused");
+    assert_eq!(refused, "the key is 1025 bytes; the limit is 1024");
+    let big_value = vec![b'v'; (1 << 20) + 1];
+    let set = Command::Set {
+        key: b"k",
+        value: &big_value,
+        ttl_ms: 0,
+    };
+    let refused = kv.apply(0, &set.encode()).result.expect_err("refused");
+    assert_eq!(refused, "the value is 1048577 bytes; the limit is 1048576");
+    assert!(kv.state.entries().is_empty(), "a refused command wrote");
+}
+
+#[test]
+fn sweep_of_oversized_expired_keys_leaves_fuel_for_the_command() {
+    // State an older guest-kv let in: 16 expired keys of 1.1 MB each.
+    let mut kv = replica();
+    let mut legacy = std::collections::BTreeMap::new();
+    for i in 0..16u8 {
+        let mut key = vec![b'k'; 1_100_000];
+        key[0] = i;
+        legacy.extend([data_entry(&key, 5, b"v"), index_entry(&key, 5)]);
+    }
+    kv.state.commit(legacy);
+
+    // Every later entry sweeps; each still runs its own command.
+    for (time, value) in [(1_000, &b"a"[..]), (1_001, b"b"), (1_002, b"c")] {
+        let set = Command::Set {
+            key: b"user",
+            value,
+            ttl_ms: 0,
+        };
+        let outcome = kv.apply(time, &set.encode());
+        assert!(
+            outcome.result.is_ok(),
+            "a set after the expiries failed: {:?} ({} fuel)",
+            outcome.result,
+            outcome.fuel_used
+        );
+        assert_eq!(kv.get(time, b"user"), Some(value.to_vec()));
+    }
+    let left = kv.state.entries().len();
+    assert!(left < 32 + 1, "the sweep removed nothing ({left} entries)");
+}

@@ -47,8 +47,14 @@ fn membership_error(app: &App, error: typ::RaftError<typ::ClientWriteError>) -> 
 }
 
 /// `POST /join` with a [`JoinRequest`]: adds the node as a learner, waits
-/// for it to catch up, then makes it a voter. Idempotent for a member that
-/// restarts with the same addresses.
+/// (at most `--join-timeout-ms`) for it to catch up, then makes it a voter.
+/// A node that does not catch up in time is removed again, so an address
+/// where nothing listens never counts towards the quorum. Idempotent for a
+/// member that restarts with the same id and addresses.
+///
+/// # Errors
+/// 409 when the addresses belong to another member, 400 when the id is a
+/// member with other addresses, 504 when the node does not catch up.
 pub async fn join(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -62,27 +68,69 @@ pub async fn join(
         api_addr: request.http.clone(),
         raft_addr: request.raft.clone(),
     };
-    let membership = app.raft.metrics().borrow().membership_config.clone();
-    if let Some(known) = membership.membership().get_node(&request.id) {
-        if *known != node {
+    let metrics = app.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    if let Some((other, known)) = membership.nodes().find(|(id, known)| {
+        **id != request.id && (known.api_addr == node.api_addr || known.raft_addr == node.raft_addr)
+    }) {
+        return Err(ApiError::AddressTaken(format!(
+            "http={} raft={} already belongs to member {other} (http={} raft={}); \
+             join with that member's id, or remove it first",
+            node.api_addr, node.raft_addr, known.api_addr, known.raft_addr
+        )));
+    }
+    let target = match membership.get_node(&request.id) {
+        Some(known) if *known != node => {
             return Err(ApiError::BadRequest(format!(
                 "node {} is already a member with addresses http={} raft={}; remove it first to change them",
                 request.id, known.api_addr, known.raft_addr
             )));
         }
-        if membership
-            .membership()
-            .voter_ids()
-            .any(|id| id == request.id)
-        {
-            return Ok("ok");
+        Some(_) if membership.voter_ids().any(|id| id == request.id) => return Ok("ok"),
+        // A learner from an earlier join: it must reach the current log.
+        Some(_) => metrics.last_log_index.unwrap_or(0),
+        None => {
+            tracing::info!(id = request.id, http = %request.http, raft = %request.raft, "adding a learner");
+            app.raft
+                .add_learner(request.id, node.clone(), false)
+                .await
+                .map_err(|e| membership_error(&app, e))?
+                .log_id
+                .index
         }
+    };
+    let timeout = app.config.join_timeout();
+    let caught_up = app
+        .raft
+        .wait(Some(timeout))
+        .metrics(
+            |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&request.id).copied().flatten())
+                    .is_some_and(|matched| matched.index >= target)
+            },
+            "the joining node to catch up",
+        )
+        .await;
+    if caught_up.is_err() {
+        tracing::warn!(id = request.id, raft = %request.raft, ?timeout, "joining node did not catch up; removing it");
+        let removed = app
+            .raft
+            .change_membership(
+                ChangeMembers::RemoveNodes(BTreeSet::from([request.id])),
+                false,
+            )
+            .await;
+        if let Err(error) = removed {
+            tracing::warn!(id = request.id, %error, "removing the learner that did not catch up");
+        }
+        return Err(ApiError::TimedOut(format!(
+            "node {} did not catch up within {timeout:?} and was not added; check that it runs \
+             and that this leader can reach its --raft address {}, then retry",
+            request.id, request.raft
+        )));
     }
-    tracing::info!(id = request.id, http = %request.http, raft = %request.raft, "adding a node");
-    app.raft
-        .add_learner(request.id, node, true)
-        .await
-        .map_err(|e| membership_error(&app, e))?;
     app.raft
         .change_membership(
             ChangeMembers::AddVoterIds(BTreeSet::from([request.id])),
@@ -272,5 +320,9 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
 /// `GET /read_index`: on the leader, confirms leadership with a quorum and
 /// answers the index a follower must apply before a linearizable read.
 pub async fn read_index(State(app): State<Arc<App>>) -> Result<String, ApiError> {
-    Ok(app.reads.confirm().await?.to_string())
+    let timeout = app.config.read_timeout();
+    let confirmed = tokio::time::timeout(timeout, app.reads.confirm())
+        .await
+        .map_err(|_| super::kv::read_timed_out(timeout))??;
+    Ok(confirmed.to_string())
 }

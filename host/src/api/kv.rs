@@ -96,6 +96,7 @@ fn ttl_ms(params: &Params) -> Result<u64, ApiError> {
 /// Proposes a guest command and returns the guest's answer bytes. A
 /// follower refuses, or forwards with `--forward-writes`.
 async fn write(app: &App, command: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+    let _queued = app.write_queue.admit(command.len())?;
     let result = app.batcher.write(Op::Apply(command)).await;
     match result {
         Ok(Ok(answer)) => {
@@ -120,11 +121,16 @@ async fn read(app: &App, consistency: Consistency, request: &[u8]) -> Result<Vec
         Consistency::Stale => {}
         Consistency::Lease if app.is_leader() && lease_holds(app) => {}
         Consistency::Linearizable | Consistency::Lease => {
-            if app.is_leader() {
-                app.reads.confirm().await?;
-            } else {
-                follower_catch_up(app).await?;
-            }
+            let timeout = app.config.read_timeout();
+            let confirmed = tokio::time::timeout(timeout, async {
+                if app.is_leader() {
+                    app.reads.confirm().await?;
+                } else {
+                    follower_catch_up(app).await?;
+                }
+                Ok::<_, ApiError>(())
+            });
+            confirmed.await.map_err(|_| read_timed_out(timeout))??;
         }
     }
     app.metrics
@@ -135,6 +141,14 @@ async fn read(app: &App, consistency: Consistency, request: &[u8]) -> Result<Vec
         .query(now_ms(), request)
         .map_err(|fault| ApiError::Unavailable(fault.to_string()))?;
     outcome.result.map_err(ApiError::Refused)
+}
+
+/// The answer to a read whose consistency could not be established in time.
+pub(super) fn read_timed_out(timeout: std::time::Duration) -> ApiError {
+    ApiError::TimedOut(format!(
+        "could not confirm this read with a quorum within {timeout:?} (--read-timeout-ms); \
+         retry, or read with consistency=stale"
+    ))
 }
 
 /// Whether a quorum acknowledged this leader recently enough that no other

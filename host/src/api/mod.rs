@@ -3,6 +3,9 @@
 //! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
 //!   and `/read_index` for followers' linearizable reads.
 //!
+//! State-changing requests from a foreign browser origin are refused before
+//! routing (see `origin`).
+//!
 //! Every error is an [`ApiError`], so status codes are decided in one place.
 
 use std::sync::Arc;
@@ -20,15 +23,18 @@ use crate::raft::read_barrier::ReadError;
 pub mod cluster;
 pub mod guest;
 mod kv;
+mod origin;
 mod query;
+pub mod write_queue;
 
 /// The response header that names the leader's HTTP address.
 pub const LEADER_HEADER: &str = "x-raft-leader";
 
-/// The largest key accepted, in bytes.
-pub const MAX_KEY: usize = 1024;
-/// The largest value accepted, in bytes.
-pub const MAX_VALUE: usize = 1 << 20;
+/// The largest key accepted, in bytes: guest-kv's own limit, so that `/apply`
+/// cannot store what `/set` refuses.
+pub const MAX_KEY: usize = guest_kv::cache::MAX_KEY;
+/// The largest value accepted, in bytes: guest-kv's own limit.
+pub const MAX_VALUE: usize = guest_kv::cache::MAX_VALUE;
 /// The largest request body accepted (a value plus its encoding).
 const MAX_BODY: usize = MAX_VALUE + 64 * 1024;
 
@@ -56,6 +62,14 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(negotiate))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            token_before_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            origin::check_origin,
+        ))
         .with_state(app)
 }
 
@@ -67,10 +81,15 @@ pub enum ApiError {
     BadRequest(String),
     /// 401: the cluster token is missing or wrong.
     Unauthorized,
+    /// 403: the request is not allowed from where it came (a foreign
+    /// browser origin).
+    Forbidden(String),
     /// 404 with an empty body: the key does not exist.
     NotFound,
     /// 409: a precondition failed; the body is the current value.
     Conflict(Vec<u8>),
+    /// 409: a joining node's address belongs to another member.
+    AddressTaken(String),
     /// 413: a key, value or body is too large.
     TooLarge(String),
     /// 421: this node does not serve this request; `message` is the body and
@@ -86,6 +105,9 @@ pub enum ApiError {
     /// 504: the write was proposed but not seen committed; its outcome is
     /// unknown.
     Unknown(String),
+    /// 504: something this request waits for (a joining node, a leadership
+    /// confirmation) did not happen in time; nothing changed.
+    TimedOut(String),
     /// 500: a fault on this node.
     Internal(String),
 }
@@ -109,7 +131,10 @@ impl IntoResponse for ApiError {
                 StatusCode::UNAUTHORIZED,
                 b"this cluster requires its token: send `Authorization: Bearer <token>`".to_vec(),
             ),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m.into_bytes()),
             ApiError::Conflict(current) => (StatusCode::CONFLICT, current),
+            ApiError::AddressTaken(m) => (StatusCode::CONFLICT, m.into_bytes()),
+            ApiError::TimedOut(m) => (StatusCode::GATEWAY_TIMEOUT, m.into_bytes()),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.into_bytes()),
             ApiError::Refused(m) => (StatusCode::UNPROCESSABLE_ENTITY, m.into_bytes()),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m.into_bytes()),
@@ -185,6 +210,22 @@ pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError::Unauthorized)
     }
+}
+
+/// Checks the token of the operator routes that read a body (`POST /guest`,
+/// `/join`, `/remove`) before the body is read, so that nobody without the
+/// token can make a node receive an 8 MiB upload.
+async fn token_before_body(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let operator = request.method() == Method::POST
+        && matches!(request.uri().path(), "/guest" | "/join" | "/remove");
+    if operator && let Err(error) = require_token(&app, request.headers()) {
+        return error.into_response();
+    }
+    next.run(request).await
 }
 
 /// A request that may have to be relayed to the leader: what a follower

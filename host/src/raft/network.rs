@@ -844,6 +844,7 @@ mod tests {
         tokio::spawn(crate::raft::peer_server::serve_with(
             listener,
             token,
+            crate::raft::peer_server::PeerLimits::default(),
             async move {
                 let _ = stopped.await;
             },
@@ -1012,6 +1013,7 @@ mod tests {
         tokio::spawn(crate::raft::peer_server::serve_with(
             listener,
             None,
+            crate::raft::peer_server::PeerLimits::default(),
             std::future::pending(),
             agreeable,
         ));

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -19,9 +20,29 @@ use super::network::{
     PeerResponse, read_frame, write_frame,
 };
 use super::{Raft, typ};
+use crate::stall_timeout::StallTimeout;
 
-/// How long a new connection may take to send its [`Hello`].
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bounds of every peer connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerLimits {
+    /// How long a new connection may take to send its [`Hello`].
+    pub hello_timeout: Duration,
+    /// How long a connection may send nothing (between or inside frames),
+    /// or leave a response unread, before it is closed. Peers reconnect.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 64,
+        }
+    }
+}
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
 /// does not spin.
@@ -32,19 +53,22 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Each connection gets its own task; its requests are answered one at a
 /// time, in order, which keeps a leader's append-entries stream ordered.
 /// When `token` is set, a connection whose [`Hello`] carries a different
-/// token is refused. A malformed frame closes only that connection.
-/// On shutdown the listener and every open connection are closed.
+/// token is refused. A malformed frame closes only that connection, and so
+/// does silence beyond the [`PeerLimits`]; connections over the cap are
+/// closed at once. On shutdown the listener and every open connection are
+/// closed.
 pub async fn serve(
     listener: TcpListener,
     raft: Raft,
     token: Option<String>,
+    limits: PeerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
     let handler = move |request| {
         let raft = raft.clone();
         async move { dispatch(&raft, request).await }
     };
-    serve_with(listener, token, shutdown, handler).await;
+    serve_with(listener, token, limits, shutdown, handler).await;
 }
 
 /// [`serve`] with the RPC handling passed in, so that the transport can be
@@ -52,6 +76,7 @@ pub async fn serve(
 pub(crate) async fn serve_with<H, F>(
     listener: TcpListener,
     token: Option<String>,
+    limits: PeerLimits,
     shutdown: impl Future<Output = ()>,
     handler: H,
 ) where
@@ -59,6 +84,7 @@ pub(crate) async fn serve_with<H, F>(
     F: Future<Output = PeerResponse> + Send,
 {
     let token: Option<Arc<str>> = token.map(Arc::from);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
@@ -71,12 +97,18 @@ pub(crate) async fn serve_with<H, F>(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        warn!(%peer, max = limits.max_connections, "peer port: too many connections; closing this one");
+                        drop(stream);
+                        continue;
+                    };
                     let handler = handler.clone();
                     let token = token.clone();
                     connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, peer, token, handler).await {
+                        if let Err(e) = serve_connection(stream, peer, token, limits, handler).await {
                             log_connection_error(peer, &e);
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -115,9 +147,10 @@ fn log_connection_error(peer: SocketAddr, err: &ConnectionError) {
 }
 
 async fn serve_connection<H, F>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     token: Option<Arc<str>>,
+    limits: PeerLimits,
     handler: H,
 ) -> Result<(), ConnectionError>
 where
@@ -125,14 +158,16 @@ where
     F: Future<Output = PeerResponse>,
 {
     stream.set_nodelay(true)?;
+    let idle = Some(limits.idle_timeout);
+    let mut stream = StallTimeout::new(stream, idle, idle);
 
-    let hello: Hello =
-        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream, MAX_HELLO_LEN)).await {
-            Ok(Ok(hello)) => hello,
-            Ok(Err(FrameError::Closed)) => return Ok(()),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(ConnectionError::HelloTimeout(HELLO_TIMEOUT)),
-        };
+    let hello = tokio::time::timeout(limits.hello_timeout, read_frame(&mut stream, MAX_HELLO_LEN));
+    let hello: Hello = match hello.await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(FrameError::Closed)) => return Ok(()),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(ConnectionError::HelloTimeout(limits.hello_timeout)),
+    };
     if let Err(reason) = check_hello(&hello, token.as_deref()) {
         // Best effort: the client learns why before the connection closes.
         let _ = write_frame(
@@ -214,7 +249,7 @@ mod tests {
     #[allow(dead_code)]
     fn serve_future_is_send(listener: TcpListener, raft: Raft) {
         fn assert_send<T: Send>(_: &T) {}
-        assert_send(&serve(listener, raft, None, async {}));
+        assert_send(&serve(listener, raft, None, PeerLimits::default(), async {}));
     }
 
     fn hello(version: u32, token: Option<&str>) -> Hello {

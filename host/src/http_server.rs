@@ -1,0 +1,128 @@
+//! Serves the HTTP API on `--http`: one hyper HTTP/1 connection per socket,
+//! each bounded in time and in number, so that clients that stall or pile up
+//! cannot hold the node's resources forever. On shutdown, open connections
+//! finish the request they are serving and close.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::stall_timeout::StallTimeout;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a turned-away connection gets to take its 503.
+const TURN_AWAY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The bounds of every HTTP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Time to send a request's headers, counted from the connection's start
+    /// or the end of the previous response: it also closes idle keep-alive
+    /// connections.
+    pub header_timeout: Duration,
+    /// How long a request body, or the client reading the response, may make
+    /// no progress.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then waits for
+/// the open connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let closing = CancellationToken::new();
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (router, closing) = (router.clone(), closing.clone());
+                        connections.spawn(serve_connection(stream, router, limits, closing, permit));
+                    }
+                    Err(_) => {
+                        connections.spawn(turn_away(stream, limits.max_connections));
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "http: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    closing.cancel();
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    limits: ConnectionLimits,
+    closing: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+) {
+    // Reads are bounded by the header timeout and the body timeout below; a
+    // read timeout on the socket would also cut off slow handlers, because
+    // hyper keeps a read pending to notice a client going away.
+    let io = TokioIo::new(StallTimeout::new(stream, None, Some(limits.idle_timeout)));
+    let service = tower_http::timeout::RequestBodyTimeout::new(router, limits.idle_timeout);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(io, TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = served {
+        tracing::debug!(%error, "http connection closed");
+    }
+}
+
+/// Answers 503 on a connection over the cap and closes it, after draining
+/// what the client sent so that the close does not reset the answer away.
+async fn turn_away(mut stream: TcpStream, max: usize) {
+    let body = format!(
+        "this node is serving its maximum of {max} connections (--max-connections); retry shortly\n"
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(TURN_AWAY_TIMEOUT, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
+}
