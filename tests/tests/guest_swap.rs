@@ -99,7 +99,7 @@ async fn guest_swap_switches_every_node_at_one_index() -> anyhow::Result<()> {
         assert_eq!(cluster.get(i, "/get?key=abc").await?, (200, "efg".into()));
         assert_eq!(
             cluster.get(i, "/get?key=migrated-from").await?,
-            (200, "0.1.0".into())
+            (200, "0.1.1".into())
         );
     }
     let first = cluster.post(leader, "/apply", incr("hits")).await?;
