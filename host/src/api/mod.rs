@@ -61,15 +61,7 @@ pub fn router(app: Arc<App>) -> Router {
                 )),
         )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(negotiate))
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            token_before_body,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            origin::check_origin,
-        ))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), edge))
         .with_state(app)
 }
 
@@ -212,20 +204,34 @@ pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Checks the token of the operator routes that read a body (`POST /guest`,
-/// `/join`, `/remove`) before the body is read, so that nobody without the
-/// token can make a node receive an 8 MiB upload.
-async fn token_before_body(
+/// What every request passes through, in one middleware (each layer costs
+/// a boxed future per request, which showed on the read path): refuse a
+/// foreign browser origin ([`origin`]), check the token of operator routes
+/// before their body is read, and answer not-leader errors in JSON for
+/// clients that ask for it.
+async fn edge(
     axum::extract::State(app): axum::extract::State<Arc<App>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let operator = request.method() == Method::POST
-        && matches!(request.uri().path(), "/guest" | "/join" | "/remove");
-    if operator && let Err(error) = require_token(&app, request.headers()) {
+    if let Err(error) =
+        origin::check_origin(&app, &request).and_then(|()| token_before_body(&app, &request))
+    {
         return error.into_response();
     }
-    next.run(request).await
+    negotiate(request, next).await
+}
+
+/// Checks the token of the operator routes that read a body (`POST /guest`,
+/// `/join`, `/remove`) before the body is read, so that nobody without the
+/// token can make a node receive an 8 MiB upload.
+fn token_before_body(app: &App, request: &axum::extract::Request) -> Result<(), ApiError> {
+    let operator = request.method() == Method::POST
+        && matches!(request.uri().path(), "/guest" | "/join" | "/remove");
+    if operator {
+        require_token(app, request.headers())?;
+    }
+    Ok(())
 }
 
 /// A request that may have to be relayed to the leader: what a follower

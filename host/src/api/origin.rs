@@ -5,35 +5,31 @@
 //! with `--allow-origin` are refused with 403. Requests without `Origin`
 //! (curl, other nodes, the client subcommands) are unaffected.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{Method, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
 use crate::node::App;
 
-/// Refuses a state-changing request from a foreign origin; passes every other
-/// request on.
-pub async fn check_origin(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+/// Refuses a state-changing request from a foreign origin with 403.
+///
+/// # Errors
+/// [`ApiError::Forbidden`] naming the origin and the flag that allows it.
+pub fn check_origin(app: &App, request: &Request) -> Result<(), ApiError> {
     if changes_state(request.method(), request.uri().path())
         && let Some(origin) = request.headers().get(header::ORIGIN)
     {
         let origin = String::from_utf8_lossy(origin.as_bytes());
-        if !allowed(&app, &origin) {
-            return ApiError::Forbidden(format!(
+        if !allowed(app, &origin) {
+            return Err(ApiError::Forbidden(format!(
                 "origin {origin} is not allowed to change state on this node; send the request \
                  without an Origin header, or start the node with --allow-origin={origin}"
-            ))
-            .into_response();
+            )));
         }
     }
-    next.run(request).await
+    Ok(())
 }
 
-/// Every method but GET and HEAD, and the GET forms of the cache's writes.
 fn changes_state(method: &Method, path: &str) -> bool {
     match *method {
         Method::GET | Method::HEAD => matches!(path, "/set" | "/delete" | "/cas"),
