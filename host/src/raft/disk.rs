@@ -54,6 +54,28 @@ impl Disk {
         Ok(Self::new(db, dir))
     }
 
+    /// Opens the database in `dir` once the previous holder of its lock has
+    /// let go, for tests that reopen a database in the same process: sled's
+    /// I/O threads can hold the file for a moment after the last handle is
+    /// dropped.
+    ///
+    /// # Errors
+    /// When sled cannot open it, or the lock stays taken for 10 s.
+    #[cfg(test)]
+    pub fn reopen(dir: &Path) -> sled::Result<Self> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Self::open(dir) {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
     fn new(db: sled::Db, dir: &Path) -> Self {
         Self {
             db,

@@ -86,7 +86,7 @@ impl LogStore {
         self.appends_flushed.subscribe()
     }
 
-    /// How long this node's flushes took.
+    /// The node's database (its flush histogram is in `/metrics`).
     pub fn disk(&self) -> &Disk {
         &self.disk
     }
@@ -425,7 +425,7 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> anyhow::Result<(sled::Db, LogStore)> {
-        let disk = Disk::open(dir.path())?;
+        let disk = Disk::reopen(dir.path())?;
         let store = LogStore::open(&disk)?;
         Ok((disk.db().clone(), store))
     }

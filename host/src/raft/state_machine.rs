@@ -1049,7 +1049,7 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> anyhow::Result<StateMachineStore> {
-        let disk = Disk::open(dir.path())?;
+        let disk = Disk::reopen(dir.path())?;
         let runtime = GuestRuntime::new(Limits::default(), None)?;
         Ok(StateMachineStore::open(&disk, runtime)?)
     }
