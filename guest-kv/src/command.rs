@@ -359,3 +359,138 @@ mod tests {
         assert!(Response::decode(&[DELETED, 2]).is_err());
     }
 }
+
+/// Property tests: any bytes a client sends to `/apply` are decoded or
+/// refused without a panic, and every command and response survives its
+/// encoding.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `cases` per property, unless `PROPTEST_CASES` asks for more.
+    fn config(cases: u32) -> proptest::test_runner::Config {
+        let mut config = proptest::test_runner::Config::default();
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            config.cases = cases;
+        }
+        config
+    }
+
+    /// The owned parts of a [`Command`]: tag, key, expected, value, TTL.
+    type Parts = (u8, Vec<u8>, Option<Vec<u8>>, Vec<u8>, u64);
+
+    fn parts() -> impl Strategy<Value = Parts> {
+        let bytes = || prop::collection::vec(any::<u8>(), 0..48);
+        (
+            SET..=COMPARE_AND_SET,
+            bytes(),
+            prop::option::of(bytes()),
+            bytes(),
+            any::<u64>(),
+        )
+    }
+
+    fn command(parts: &Parts) -> Command<'_> {
+        let (tag, key, expected, value, ttl_ms) = parts;
+        match *tag {
+            SET => Command::Set {
+                key,
+                value,
+                ttl_ms: *ttl_ms,
+            },
+            GET => Command::Get { key },
+            DELETE => Command::Delete { key },
+            _ => Command::CompareAndSet {
+                key,
+                expected: expected.as_deref(),
+                value,
+                ttl_ms: *ttl_ms,
+            },
+        }
+    }
+
+    fn response() -> impl Strategy<Value = Response> {
+        let value = || prop::option::of(prop::collection::vec(any::<u8>(), 0..48));
+        prop_oneof![
+            Just(Response::Done),
+            value().prop_map(Response::Value),
+            any::<bool>().prop_map(Response::Deleted),
+            (any::<bool>(), value())
+                .prop_map(|(swapped, current)| Response::Swapped { swapped, current }),
+        ]
+    }
+
+    /// A valid encoding with a few bytes overwritten, cut short or extended:
+    /// close enough to the format to reach the decoder's deeper branches.
+    fn mutated(encoded: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let len = encoded.len();
+        (
+            prop::collection::vec((0..len, any::<u8>()), 0..4),
+            0..=len,
+            prop::collection::vec(any::<u8>(), 0..4),
+        )
+            .prop_map(move |(writes, cut, tail)| {
+                let mut bytes = encoded.clone();
+                for (at, byte) in writes {
+                    bytes[at] = byte;
+                }
+                bytes.truncate(cut.max(1));
+                bytes.extend(tail);
+                bytes
+            })
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(
+            bytes in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let _ = Command::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+
+        #[test]
+        fn commands_survive_their_encoding(parts in parts()) {
+            let command = command(&parts);
+            let bytes = command.encode();
+            prop_assert_eq!(bytes.len(), command.encoded_len());
+            prop_assert_eq!(Command::decode(&bytes), Ok(command));
+        }
+
+        #[test]
+        fn responses_survive_their_encoding(response in response()) {
+            prop_assert_eq!(Response::decode(&response.encode()), Ok(response));
+        }
+
+        #[test]
+        fn a_command_cut_short_is_refused(parts in parts(), cut in any::<prop::sample::Index>()) {
+            let bytes = command(&parts).encode();
+            let cut = cut.index(bytes.len());
+            prop_assert!(Command::decode(&bytes[..cut]).is_err());
+        }
+
+        #[test]
+        fn mutated_commands_decode_only_to_their_own_encoding(
+            bytes in parts().prop_flat_map(|parts| mutated(command(&parts).encode())),
+        ) {
+            // The format has one encoding per command, so anything that
+            // decodes is that encoding, with nothing left over.
+            if let Ok(command) = Command::decode(&bytes) {
+                prop_assert_eq!(command.encode(), bytes);
+            }
+        }
+
+        #[test]
+        fn mutated_responses_decode_only_to_their_own_encoding(
+            bytes in response().prop_flat_map(|response| mutated(response.encode())),
+        ) {
+            if let Ok(response) = Response::decode(&bytes) {
+                prop_assert_eq!(response.encode(), bytes);
+            }
+        }
+    }
+}

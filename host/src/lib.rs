@@ -20,3 +20,14 @@ pub mod node;
 pub mod raft;
 pub mod runtime;
 pub mod stall_timeout;
+
+/// The configuration of the property tests: `cases` per property, unless
+/// `PROPTEST_CASES` asks for another number (e.g. for a longer local run).
+#[cfg(test)]
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let mut config = proptest::test_runner::Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = cases;
+    }
+    config
+}

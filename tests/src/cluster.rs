@@ -198,6 +198,22 @@ impl TestCluster {
         }
     }
 
+    /// The nodes that were started and have exited since, with their exit
+    /// status; they count as stopped afterwards. A test that expects every
+    /// node to survive what it sends asserts that this is empty.
+    pub fn exited(&mut self) -> anyhow::Result<Vec<(usize, std::process::ExitStatus)>> {
+        let mut exited = Vec::new();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(child) = node.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                node.child = None;
+                exited.push((i, status));
+            }
+        }
+        Ok(exited)
+    }
+
     /// `GET http://<node i><path>`: status and body.
     pub async fn get(&self, i: usize, path: &str) -> anyhow::Result<(u16, String)> {
         let url = format!("http://{}{path}", self.nodes[i].http);

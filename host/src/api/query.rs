@@ -107,3 +107,115 @@ mod tests {
         assert!(Params::parse(Some("key=%+1")).is_err());
     }
 }
+
+/// Property tests: whatever a client puts in a query string, the parser
+/// answers or refuses it, and an escape decodes to exactly its byte.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Percent-encodes `bytes` the way a client may: unreserved bytes as they
+    /// are or escaped, a space as `+` or `%20`, everything else escaped, in
+    /// upper or lower case hex. `choices` picks among the ways per byte.
+    fn encode(bytes: &[u8], choices: &[u8]) -> String {
+        let mut out = String::new();
+        for (i, &b) in bytes.iter().enumerate() {
+            let choice = choices.get(i).copied().unwrap_or(0);
+            let unreserved = b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+            match (b, choice % 3) {
+                (b' ', 0) => out.push('+'),
+                (_, 0) if unreserved => out.push(char::from(b)),
+                (_, 1) => out.push_str(&format!("%{b:02x}")),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+        out
+    }
+
+    /// What may follow a `%` without making an escape: the end of the text,
+    /// one hex digit and the end, or a character that is not a hex digit
+    /// (after 0 or 1 digits) and then anything.
+    fn broken_escape() -> impl Strategy<Value = String> {
+        let not_hex = any::<char>().prop_filter("not a hex digit", |c| !c.is_ascii_hexdigit());
+        let hex = prop::sample::select(b"0123456789abcdefABCDEF".to_vec()).prop_map(char::from);
+        prop_oneof![
+            Just(String::new()),
+            hex.clone().prop_map(String::from),
+            (prop::option::of(hex), not_hex, any::<String>()).prop_map(|(h, c, rest)| h
+                .into_iter()
+                .chain(std::iter::once(c))
+                .chain(rest.chars())
+                .collect()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config(2000))]
+
+        #[test]
+        fn arbitrary_query_strings_never_panic(query in any::<String>()) {
+            if let Ok(params) = Params::parse(Some(&query)) {
+                let _ = params.text("key");
+                let _ = params.number("ttl");
+            }
+        }
+
+        #[test]
+        fn query_strings_of_url_characters_never_panic(
+            query in "[a-z0-9%+=&;#?/ ._~-]{0,64}",
+        ) {
+            let _ = Params::parse(Some(&query));
+        }
+
+        #[test]
+        fn text_without_percent_decodes_to_itself_with_plus_as_space(
+            text in "[^%]{0,64}",
+        ) {
+            let decoded = decode(&text);
+            prop_assert_eq!(decoded.ok(), Some(text.replace('+', " ").into_bytes()));
+        }
+
+        #[test]
+        fn percent_encoded_bytes_decode_back_to_the_same_bytes(
+            bytes in prop::collection::vec(any::<u8>(), 0..128),
+            choices in prop::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let encoded = encode(&bytes, &choices);
+            prop_assert_eq!(decode(&encoded).ok(), Some(bytes.clone()));
+        }
+
+        #[test]
+        fn encoded_keys_and_values_come_back_from_a_whole_query(
+            key in prop::collection::vec(any::<u8>(), 1..64),
+            value in prop::collection::vec(any::<u8>(), 0..64),
+            choices in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let query = format!(
+                "key={}&value={}&value=second&unknown",
+                encode(&key, &choices),
+                encode(&value, &choices),
+            );
+            let params = Params::parse(Some(&query));
+            prop_assert!(params.is_ok(), "{query:?} was refused");
+            let params = params.unwrap_or_default();
+            prop_assert_eq!(params.get("key"), Some(&key[..]));
+            // The first of duplicate parameters counts.
+            prop_assert_eq!(params.get("value"), Some(&value[..]));
+            prop_assert_eq!(params.get("unknown"), Some(&b""[..]));
+        }
+
+        #[test]
+        fn a_broken_escape_anywhere_is_an_error(
+            before in prop::collection::vec(any::<u8>(), 0..32),
+            broken in broken_escape(),
+            choices in prop::collection::vec(any::<u8>(), 0..32),
+        ) {
+            let text = format!("{}%{broken}", encode(&before, &choices));
+            prop_assert!(decode(&text).is_err(), "{text:?} decoded");
+            let query = format!("key={text}");
+            prop_assert!(Params::parse(Some(&query)).is_err(), "{query:?} parsed");
+        }
+    }
+}

@@ -1092,3 +1092,220 @@ mod tests {
         Ok(())
     }
 }
+
+/// Property tests of the wire format: a peer (or anyone who reaches the peer
+/// port) can send any bytes; they decode or are refused without a panic or
+/// an allocation the length prefix asks for, and every message the node
+/// sends reads back as it was.
+#[cfg(test)]
+mod proptests {
+    use std::collections::BTreeSet;
+
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::raft::{Op, Request};
+
+    /// Reads one frame from `bytes`; the reader never waits, so this never
+    /// blocks.
+    fn read<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, FrameError> {
+        let mut reader = bytes;
+        futures::executor::block_on(read_frame(&mut reader, max_len))
+    }
+
+    /// Compares through `Debug`: the openraft request types implement it
+    /// but not `PartialEq`.
+    fn same<T: fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..max)
+    }
+
+    fn log_id() -> impl Strategy<Value = typ::LogId> {
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(term, node, index)| LogId::new(CommittedLeaderId::new(term, node), index))
+    }
+
+    fn vote() -> impl Strategy<Value = typ::Vote> {
+        (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(term, node, committed)| {
+            if committed {
+                openraft::Vote::new_committed(term, node)
+            } else {
+                openraft::Vote::new(term, node)
+            }
+        })
+    }
+
+    fn node_info() -> impl Strategy<Value = NodeInfo> {
+        (any::<String>(), any::<String>()).prop_map(|(api_addr, raft_addr)| NodeInfo {
+            api_addr,
+            raft_addr,
+        })
+    }
+
+    fn membership() -> impl Strategy<Value = Membership<NodeId, NodeInfo>> {
+        prop::collection::btree_map(0..16u64, node_info(), 1..5).prop_map(|nodes| {
+            let voters: BTreeSet<NodeId> = nodes.keys().copied().collect();
+            Membership::new(vec![voters], nodes)
+        })
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            bytes(64).prop_map(Op::Apply),
+            bytes(64).prop_map(|module| Op::StageGuest { module }),
+            (any::<String>(), any::<bool>())
+                .prop_map(|(hash, force)| Op::ActivateGuest { hash, force }),
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = typ::Entry> {
+        let payload = prop_oneof![
+            Just(EntryPayload::Blank),
+            (any::<u64>(), prop::collection::vec(op(), 0..4))
+                .prop_map(|(time_ms, ops)| EntryPayload::Normal(Request { time_ms, ops })),
+            membership().prop_map(EntryPayload::Membership),
+        ];
+        (log_id(), payload).prop_map(|(log_id, payload)| typ::Entry { log_id, payload })
+    }
+
+    fn request() -> impl Strategy<Value = PeerRequest> {
+        prop_oneof![
+            (
+                vote(),
+                prop::option::of(log_id()),
+                prop::collection::vec(entry(), 0..4),
+                prop::option::of(log_id()),
+            )
+                .prop_map(|(vote, prev_log_id, entries, leader_commit)| {
+                    PeerRequest::AppendEntries(AppendEntriesRequest {
+                        vote,
+                        prev_log_id,
+                        entries,
+                        leader_commit,
+                    })
+                }),
+            (vote(), prop::option::of(log_id()))
+                .prop_map(|(vote, last)| PeerRequest::Vote(VoteRequest::new(vote, last))),
+            (
+                vote(),
+                prop::option::of(log_id()),
+                prop::option::of(log_id()),
+                membership(),
+                any::<String>(),
+                bytes(256),
+            )
+                .prop_map(
+                    |(vote, last_log_id, membership_log_id, membership, snapshot_id, data)| {
+                        PeerRequest::FullSnapshot {
+                            vote,
+                            meta: typ::SnapshotMeta {
+                                last_log_id,
+                                last_membership: typ::StoredMembership::new(
+                                    membership_log_id,
+                                    membership,
+                                ),
+                                snapshot_id,
+                            },
+                            data,
+                        }
+                    }
+                ),
+        ]
+    }
+
+    fn hello() -> impl Strategy<Value = Hello> {
+        (any::<u32>(), prop::option::of(any::<String>()))
+            .prop_map(|(version, token)| Hello { version, token })
+    }
+
+    /// Tries to decode `body` as every message type the peer port reads.
+    fn decode_as_everything(body: &[u8]) {
+        let _ = decode_body::<Hello>(body);
+        let _ = decode_body::<HelloReply>(body);
+        let _ = decode_body::<PeerRequest>(body);
+        let _ = decode_body::<PeerResponse>(body);
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config(1000))]
+
+        #[test]
+        fn arbitrary_bodies_never_panic_the_decoder(body in bytes(256)) {
+            decode_as_everything(&body);
+        }
+
+        #[test]
+        fn arbitrary_frames_never_panic_the_reader(
+            frame in bytes(256),
+            max_len in 0..512usize,
+        ) {
+            let _ = read::<PeerRequest>(&frame, max_len);
+            let _ = read::<Hello>(&frame, max_len);
+        }
+
+        #[test]
+        fn a_length_prefix_beyond_the_bytes_sent_is_an_error(
+            len in 1..=u32::MAX,
+            body in bytes(64),
+        ) {
+            // A prefix of up to 4 GiB must neither be trusted with an
+            // allocation nor wait for bytes that never come.
+            prop_assume!((len as usize) > body.len());
+            let mut frame = len.to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            let result = read::<PeerRequest>(&frame, MAX_FRAME_LEN);
+            prop_assert!(
+                matches!(result, Err(FrameError::Io(_) | FrameError::TooLarge { .. })),
+                "{result:?}"
+            );
+        }
+
+        #[test]
+        fn requests_survive_a_frame_round_trip(request in request()) {
+            let frame = encode_frame(&request).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back: PeerRequest = read(&frame, MAX_FRAME_LEN)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(same(&request, &back), "{request:?} != {back:?}");
+        }
+
+        #[test]
+        fn hellos_survive_a_frame_round_trip(hello in hello()) {
+            let frame = encode_frame(&hello).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back: Hello = read(&frame, MAX_HELLO_LEN)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back, hello);
+        }
+
+        #[test]
+        fn a_request_body_cut_short_is_an_error(
+            request in request(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            // msgpack is self-delimiting: no strict prefix of a message is
+            // a whole message.
+            let frame = encode_frame(&request).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let body = &frame[4..];
+            let cut = cut.index(body.len());
+            let result = decode_body::<PeerRequest>(&body[..cut]);
+            prop_assert!(matches!(result, Err(FrameError::Decode(_))), "{result:?}");
+        }
+
+        #[test]
+        fn mutated_request_frames_never_panic_the_reader(
+            request in request(),
+            writes in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let mut frame = encode_frame(&request).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let len = frame.len();
+            for (at, byte) in writes {
+                frame[at.index(len)] = byte;
+            }
+            let _ = read::<PeerRequest>(&frame, MAX_FRAME_LEN);
+            decode_as_everything(&frame[4..]);
+        }
+    }
+}
