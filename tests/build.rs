@@ -14,6 +14,7 @@ fn main() {
         ("guests/chaos", "guest_chaos.wasm"),
         ("guests/kv-next", "guest_kv_next.wasm"),
         ("guests/ledger", "ledger.wasm"),
+        ("guests/odd-name", "guest_odd_name.wasm"),
     ] {
         let built =
             build_guest::build_guest(&manifest_dir.join(dir), &manifest_dir.join("../wit"), wasm);

@@ -16,6 +16,22 @@ const LATENCY_BOUNDS_US: [u64; 15] = [
     819_200,
 ];
 
+/// `value` escaped for a label value of the text format: a backslash, a
+/// double quote and a line feed become `\\`, `\"` and `\n`, so no value
+/// (a guest's name, say) can end its label or its line early.
+pub fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A latency histogram in the Prometheus sense (cumulative buckets, sum and
 /// count), updated with relaxed atomics.
 #[derive(Debug, Default)]

@@ -19,6 +19,33 @@ pub static KV_NEXT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gues
 /// The example ledger guest (see `guests/ledger`).
 pub static LEDGER_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ledger.wasm"));
 
+/// A guest whose name holds quotes and backslashes (see `guests/odd-name`).
+pub static ODD_NAME_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_odd_name.wasm"));
+
+/// The name [`ODD_NAME_GUEST`] reports; its `#` is where the tests put a
+/// newline to make a variant.
+pub const ODD_NAME: &str = "odd \"name\" C:\\new\\ #";
+
+/// [`ODD_NAME_GUEST`] with a newline in place of the `#` of its name.
+///
+/// # Panics
+/// Unless the name occurs exactly once in the module, so the edit cannot
+/// silently miss it or touch anything else.
+pub fn odd_name_guest_with_newline() -> Vec<u8> {
+    let mut module = ODD_NAME_GUEST.to_vec();
+    let name = ODD_NAME.as_bytes();
+    let found: Vec<usize> = module
+        .windows(name.len())
+        .enumerate()
+        .filter(|(_, w)| *w == name)
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(found.len(), 1, "the name occurs {} times", found.len());
+    let hash = ODD_NAME.find('#').expect("the name has a #");
+    module[found[0] + hash] = b'\n';
+    module
+}
+
 /// A runtime with the default limits and no compile cache.
 pub fn runtime() -> GuestRuntime {
     GuestRuntime::new(Limits::default(), None).expect("the wasm engine starts")

@@ -95,6 +95,7 @@ impl StateRead for BrokenDisk {
         _: &[u8],
         _: Option<&[u8]>,
         _: usize,
+        _: usize,
     ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         Err(std::io::Error::other("disk on fire"))
     }

@@ -237,6 +237,8 @@ pub async fn status(
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<Arc<App>>) -> String {
     use std::fmt::Write as _;
+
+    use crate::metrics::label_value;
     let m = app.raft.metrics().borrow().clone();
     let is_leader = u64::from(m.current_leader == Some(app.id));
     let last_log = m.last_log_index.unwrap_or(0);
@@ -309,9 +311,9 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
             out,
             "# HELP raftwasm_guest_info The active guest.\n# TYPE raftwasm_guest_info gauge\n\
              raftwasm_guest_info{{name=\"{}\",version=\"{}\",hash=\"{}\"}} 1",
-            m.name(),
-            m.version(),
-            m.hash()
+            label_value(m.name()),
+            label_value(&m.version().to_string()),
+            label_value(m.hash())
         );
     }
     out

@@ -22,7 +22,8 @@ use crate::raft::state_machine::SwapRecord;
 /// Validates `module`, then stages and activates it through the log.
 ///
 /// # Errors
-/// 400 for a module that is not a usable guest, 503 when this node cannot
+/// 400 for a module that is not a usable guest or whose name holds a
+/// control character, 503 when this node cannot
 /// load it now (see [`crate::runtime::LoadError::is_module_property`]), 409
 /// when the version guard refuses it, 422 when activation fails on the
 /// cluster (a failed migration), and the write errors of the batcher.
@@ -46,6 +47,14 @@ pub async fn deploy(app: &App, module: Vec<u8>, force: bool) -> Result<SwapRecor
                 ApiError::Unavailable(e.to_string())
             }
         })?;
+    // Checked here, before anything is replicated, and not when a replica
+    // loads a module: a guest already in some log keeps loading as before.
+    if let Some(c) = loaded.name().chars().find(|c| c.is_control()) {
+        return Err(ApiError::BadRequest(format!(
+            "the guest's name {:?} contains the control character {c:?}; a name may hold any text but control characters (newlines, tabs, escapes)",
+            loaded.name()
+        )));
+    }
     if !force
         && let Some(active) = app.state.active()
         && let Err(refusal) = loaded.may_replace(&active.module)

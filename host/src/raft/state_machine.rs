@@ -68,17 +68,21 @@ impl StateRead for SledState {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let start = guest_key(start);
         let end = end.map_or_else(|| vec![GUEST + 1], guest_key);
-        self.0
-            .range(start..end)
-            .take(limit)
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((k[1..].to_vec(), v.to_vec()))
-            })
-            .collect()
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for item in self.0.range(start..end).take(limit) {
+            if bytes >= max_bytes {
+                break;
+            }
+            let (k, v) = item?;
+            bytes += k.len() - 1 + v.len();
+            entries.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(entries)
     }
 }
 

@@ -6,7 +6,11 @@
 //! which the caller commits. An undo log lets a failed call take back its
 //! own writes, so a write costs one overlay insert.
 
+use std::ops::Bound;
 use std::sync::Arc;
+
+use wasmtime::StoreContextMut;
+use wasmtime::component::{HasSelf, Linker};
 
 use super::state::{Overlay, StateRead};
 
@@ -19,6 +23,20 @@ wasmtime::component::bindgen!({
 /// The most entries one `scan` returns, whatever the guest asks for, so a
 /// scan's cost is bounded the same way on every replica.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
+
+/// The most bytes of keys and values one `scan` returns (more only when its
+/// first entry alone is larger), so the host never gathers more than this
+/// plus one entry for a scan.
+pub const MAX_SCAN_BYTES: usize = 4 << 20;
+
+/// Every `BYTES_PER_FUEL` bytes (or part of them) that a store call moves
+/// between the guest and the host cost one unit of fuel: keys and values
+/// passed in and returned. Copying is host work the guest's instructions do
+/// not show, and the charge depends only on the call and the state.
+pub const BYTES_PER_FUEL: u64 = 16;
+
+/// The name of the `store` interface instance.
+const STORE_INTERFACE: &str = "raftwasm:state-machine/store@0.1.0";
 
 /// A key written by the current call and the pending entry it replaced
 /// (`None`: the key had no pending entry).
@@ -87,7 +105,11 @@ impl HostState {
     }
 
     fn host_fault(&mut self, error: std::io::Error) -> wasmtime::Error {
-        let message = format!("reading the state failed: {error}");
+        self.fault(format!("reading the state failed: {error}"))
+    }
+
+    /// Records a failure of this node, which makes the call a host fault.
+    fn fault(&mut self, message: String) -> wasmtime::Error {
         self.fault = Some(message.clone());
         wasmtime::Error::msg(message)
     }
@@ -95,19 +117,12 @@ impl HostState {
 
 impl raftwasm::state_machine::types::Host for HostState {}
 
-impl raftwasm::state_machine::store::Host for HostState {
-    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Vec<u8>>> {
-        self.read(&key)
-    }
-
-    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<()> {
-        self.write(key, Some(value))
-    }
-
-    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<()> {
-        self.write(key, None)
-    }
-
+impl HostState {
+    /// The store's `scan`: the first entries of the merged view (pending
+    /// writes over the committed state) in key order, up to `limit` entries
+    /// and [`MAX_SCAN_BYTES`] of keys and values, but at least one entry when
+    /// any matches. The answer depends only on the merged view, never on
+    /// which writes are still pending, so it is the same on every replica.
     fn scan(
         &mut self,
         start: Vec<u8>,
@@ -115,37 +130,99 @@ impl raftwasm::state_machine::store::Host for HostState {
         limit: u32,
     ) -> wasmtime::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let limit = limit.min(MAX_SCAN_LIMIT) as usize;
+        let mut found = Vec::new();
         if limit == 0 || end.as_deref().is_some_and(|end| end <= start.as_slice()) {
-            return Ok(Vec::new());
+            return Ok(found);
         }
-        let range = (
-            std::ops::Bound::Included(start.clone()),
-            end.clone()
-                .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded),
-        );
-        let pending: Overlay = self
-            .batch
-            .range(range)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        // Each pending delete hides at most one committed entry, so this many
-        // committed entries always cover the first `limit` visible ones.
-        let tombstones = pending.values().filter(|v| v.is_none()).count();
-        let base = self
-            .base
-            .scan(&start, end.as_deref(), limit + tombstones)
-            .map_err(|e| self.host_fault(e))?;
+        let mut bytes = 0;
+        let mut from = start;
+        // Committed entries come in pages bounded like the answer; each page
+        // is merged with the pending writes over the keys it covers.
+        loop {
+            let want = limit - found.len();
+            let budget = MAX_SCAN_BYTES.saturating_sub(bytes).max(1);
+            let page = self
+                .base
+                .scan(&from, end.as_deref(), want, budget)
+                .map_err(|e| self.host_fault(e))?;
+            let page_bytes: usize = page.iter().map(|(k, v)| k.len() + v.len()).sum();
+            // When the page may have stopped short of the range, it covers
+            // the keys up to its last one; the next page starts after it.
+            let next = match page.last() {
+                Some((last, _)) if page.len() == want || page_bytes >= budget => {
+                    Some([last.as_slice(), &[0]].concat())
+                }
+                _ => None,
+            };
+            let covered = match (&next, page.last()) {
+                (Some(_), Some((last, _))) => Bound::Included(last.clone()),
+                _ => end.clone().map_or(Bound::Unbounded, Bound::Excluded),
+            };
+            // Pending writes win over committed entries with the same key;
+            // a pending value is copied only once it is part of the answer.
+            let mut committed = page.into_iter().peekable();
+            let mut pending = self
+                .batch
+                .range((Bound::Included(from.clone()), covered))
+                .peekable();
+            loop {
+                let pending_first = match (committed.peek(), pending.peek()) {
+                    (None, None) => break,
+                    (Some((c, _)), Some((p, _))) => *p <= c,
+                    (None, Some(_)) => true,
+                    (Some(_), None) => false,
+                };
+                let entry = if pending_first {
+                    let Some((key, value)) = pending.next() else {
+                        break;
+                    };
+                    if committed.peek().is_some_and(|(c, _)| c == key) {
+                        committed.next();
+                    }
+                    match value {
+                        Some(value) => Entry::Pending(key, value),
+                        None => continue,
+                    }
+                } else {
+                    let Some((key, value)) = committed.next() else {
+                        break;
+                    };
+                    Entry::Committed(key, value)
+                };
+                let size = entry.size();
+                if found.len() == limit || !found.is_empty() && bytes + size > MAX_SCAN_BYTES {
+                    return Ok(found);
+                }
+                bytes += size;
+                found.push(entry.into_owned());
+            }
+            match next {
+                Some(next) => from = next,
+                None => return Ok(found),
+            }
+        }
+    }
+}
 
-        let mut merged = base
-            .into_iter()
-            .map(|(k, v)| (k, Some(v)))
-            .collect::<std::collections::BTreeMap<_, _>>();
-        merged.extend(pending);
-        Ok(merged
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .take(limit)
-            .collect())
+/// One entry of a scan's merged view.
+enum Entry<'a> {
+    Committed(Vec<u8>, Vec<u8>),
+    Pending(&'a Vec<u8>, &'a Vec<u8>),
+}
+
+impl Entry<'_> {
+    fn size(&self) -> usize {
+        match self {
+            Entry::Committed(k, v) => k.len() + v.len(),
+            Entry::Pending(k, v) => k.len() + v.len(),
+        }
+    }
+
+    fn into_owned(self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            Entry::Committed(k, v) => (k, v),
+            Entry::Pending(k, v) => (k.clone(), v.clone()),
+        }
     }
 }
 
@@ -158,8 +235,71 @@ impl raftwasm::state_machine::log::Host for HostState {
 
 /// Adds the world's imports, implemented by [`HostState`], to `linker`.
 ///
+/// The `store` functions are linked by hand rather than through the
+/// generated trait, because charging fuel for the bytes they move needs the
+/// whole store, not only its data.
+///
 /// # Errors
-/// Only if the generated bindings clash with something already defined.
-pub fn add_to_linker(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
-    StateMachine::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(linker, |s| s)
+/// Only if the definitions clash with something already defined.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    raftwasm::state_machine::types::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    raftwasm::state_machine::log::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    let mut store = linker.instance(STORE_INTERFACE)?;
+    store.func_wrap(
+        "get",
+        |mut cx: StoreContextMut<'_, HostState>, (key,): (Vec<u8>,)| {
+            charge(&mut cx, key.len())?;
+            let value = cx.data_mut().read(&key)?;
+            charge(&mut cx, value.as_ref().map_or(0, Vec::len))?;
+            Ok((value,))
+        },
+    )?;
+    store.func_wrap(
+        "set",
+        |mut cx: StoreContextMut<'_, HostState>, (key, value): (Vec<u8>, Vec<u8>)| {
+            charge(&mut cx, key.len() + value.len())?;
+            cx.data_mut().write(key, Some(value))
+        },
+    )?;
+    store.func_wrap(
+        "delete",
+        |mut cx: StoreContextMut<'_, HostState>, (key,): (Vec<u8>,)| {
+            charge(&mut cx, key.len())?;
+            cx.data_mut().write(key, None)
+        },
+    )?;
+    store.func_wrap(
+        "scan",
+        |mut cx: StoreContextMut<'_, HostState>,
+         (start, end, limit): (Vec<u8>, Option<Vec<u8>>, u32)| {
+            charge(&mut cx, start.len() + end.as_ref().map_or(0, Vec::len))?;
+            let entries = cx.data_mut().scan(start, end, limit)?;
+            charge(
+                &mut cx,
+                entries.iter().map(|(k, v)| k.len() + v.len()).sum(),
+            )?;
+            Ok((entries,))
+        },
+    )?;
+    Ok(())
+}
+
+/// Takes the fuel for moving `bytes` from the call's budget; when the budget
+/// is short, the call ends as if the guest had run out of fuel itself.
+fn charge(cx: &mut StoreContextMut<'_, HostState>, bytes: usize) -> wasmtime::Result<()> {
+    let cost = (bytes as u64).div_ceil(BYTES_PER_FUEL);
+    let fuel = cx
+        .get_fuel()
+        .map_err(|e| cx.data_mut().fault(format!("reading fuel: {e}")))?;
+    let (left, enough) = match fuel.checked_sub(cost) {
+        Some(left) => (left, true),
+        None => (0, false),
+    };
+    cx.set_fuel(left)
+        .map_err(|e| cx.data_mut().fault(format!("setting fuel: {e}")))?;
+    if enough {
+        Ok(())
+    } else {
+        Err(wasmtime::Trap::OutOfFuel.into())
+    }
 }

@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
 
-pub use bindings::{Context, GuestInfo, MAX_SCAN_LIMIT};
+pub use bindings::{BYTES_PER_FUEL, Context, GuestInfo, MAX_SCAN_BYTES, MAX_SCAN_LIMIT};
 use bindings::{HostState, StateMachine, StateMachinePre};
 pub use cache::CompileCache;
 pub use state::{MemoryState, Overlay, StateRead};

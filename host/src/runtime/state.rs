@@ -21,7 +21,8 @@ pub trait StateRead: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
 
     /// Up to `limit` entries with `start <= key` and `key < end` (when given),
-    /// in ascending key order.
+    /// in ascending key order, stopping after the entry that brings the
+    /// bytes of the keys and values gathered to `max_bytes` or more.
     ///
     /// # Errors
     /// When the underlying storage fails.
@@ -30,6 +31,7 @@ pub trait StateRead: Send + Sync + 'static {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>>;
 }
 
@@ -72,14 +74,21 @@ impl StateRead for MemoryState {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let map = self.lock();
         let end = end.map_or(std::ops::Bound::Unbounded, |e| {
             std::ops::Bound::Excluded(e.to_vec())
         });
+        let mut bytes = 0;
         Ok(map
             .range((std::ops::Bound::Included(start.to_vec()), end))
             .take(limit)
+            .take_while(|(k, v)| {
+                let more = bytes < max_bytes;
+                bytes += k.len() + v.len();
+                more
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }

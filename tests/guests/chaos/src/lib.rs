@@ -4,7 +4,9 @@
 //! first byte; `query` with `w` tries to write. The commands starting with
 //! `b`, `u` and `v` break the canonical ABI: they hand the host values it
 //! cannot lift (a list out of bounds, a string that is not UTF-8, an option
-//! with a discriminant that does not exist).
+//! with a discriminant that does not exist). `f`, `S`, `s` and `g` make the
+//! host move many bytes: fill 16 values of 1 MiB, scan them once, scan them
+//! over and over, and get one key.
 
 wit_bindgen::generate!({
     world: "state-machine-with-migrate",
@@ -37,6 +39,10 @@ impl Guest for Chaos {
             Some(b'b') => Ok(list_out_of_bounds()),
             Some(b'u') => Err(invalid_utf8()),
             Some(b'v') => bad_option_discriminant(),
+            Some(b'f') => Ok(fill_huge_values()),
+            Some(b'S') => Ok(scan_huge_values()),
+            Some(b's') => scan_forever(),
+            Some(b'g') => Ok(get_length(&command[1..])),
             _ => Err("unknown chaos command".into()),
         }
     }
@@ -54,6 +60,42 @@ impl migration::Guest for Chaos {
         store::set(b"migrated", b"yes");
         Err("migration refused on purpose".into())
     }
+}
+
+/// How many values `f` stores, and the size of each.
+const HUGE_VALUES: u8 = 16;
+const HUGE_VALUE_BYTES: usize = 1 << 20;
+
+/// Stores `huge/00` .. `huge/15`, 1 MiB each.
+fn fill_huge_values() -> Vec<u8> {
+    let value = vec![b'x'; HUGE_VALUE_BYTES];
+    for i in 0..HUGE_VALUES {
+        store::set(format!("huge/{i:02}").as_bytes(), &value);
+    }
+    b"filled".to_vec()
+}
+
+/// One scan over the huge values: how many entries came back (u32) and how
+/// many bytes of keys and values (u64), little-endian.
+fn scan_huge_values() -> Vec<u8> {
+    let entries = store::scan(b"huge/", Some(b"huge0"), 10_000);
+    let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let mut answer = (entries.len() as u32).to_le_bytes().to_vec();
+    answer.extend_from_slice(&(bytes as u64).to_le_bytes());
+    answer
+}
+
+/// Scans the huge values again and again, never returning.
+fn scan_forever() -> ! {
+    loop {
+        core::hint::black_box(store::scan(b"huge/", Some(b"huge0"), 10_000));
+    }
+}
+
+/// The length of the value under `key` (u64, little-endian; 0 if absent).
+fn get_length(key: &[u8]) -> Vec<u8> {
+    let len = store::get(key).map_or(0, |v| v.len());
+    (len as u64).to_le_bytes().to_vec()
 }
 
 fn unreachable_trap() -> ! {
