@@ -195,6 +195,17 @@ pub async fn status(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let params = Params::parse(query.as_deref())?;
     let with_hash = matches!(params.text("state_hash")?, Some("true" | "1"));
+    // Hashing reads the whole state: on the blocking pool, not an async
+    // worker thread that heartbeats may be waiting for.
+    let state_hash = if with_hash {
+        let state = app.state.clone();
+        tokio::task::spawn_blocking(move || state.state_hash().ok())
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
     let metrics = app.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -230,7 +241,7 @@ pub async fn status(
         "membership_changing": membership.get_joint_config().len() > 1,
         "replication": replication,
         "guest": guest,
-        "state_hash": with_hash.then(|| app.state.state_hash().ok()).flatten(),
+        "state_hash": state_hash,
     })))
 }
 

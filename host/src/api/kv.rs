@@ -138,7 +138,8 @@ async fn read(app: &App, consistency: Consistency, request: &[u8]) -> Result<Vec
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let outcome = app
         .state
-        .query(now_ms(), request)
+        .query_off_runtime(now_ms(), request)
+        .await
         .map_err(|fault| ApiError::Unavailable(fault.to_string()))?;
     outcome.result.map_err(ApiError::Refused)
 }

@@ -108,6 +108,10 @@ impl ActiveGuest {
     }
 }
 
+/// The fuel a query may use on an async worker thread before it moves to
+/// the blocking pool: a few hundred microseconds of guest work at most.
+pub const INLINE_QUERY_FUEL: u64 = 200_000;
+
 /// How many idle query instances are kept per guest.
 const QUERY_POOL: usize = 16;
 
@@ -199,6 +203,49 @@ impl StateReader {
     /// # Errors
     /// [`HostFault`] when no guest is active or the host failed.
     pub fn query(&self, time_ms: u64, request: &[u8]) -> Result<Outcome, HostFault> {
+        self.run_query(time_ms, request, None)
+    }
+
+    /// Runs a query without holding up the async runtime: inline for its
+    /// first [`INLINE_QUERY_FUEL`] (almost every query finishes there), and
+    /// a query that needs more runs again from the start on the blocking
+    /// pool with the full budget, so that long queries cannot delay
+    /// heartbeats. Queries write nothing, so running one twice is harmless.
+    ///
+    /// # Errors
+    /// [`HostFault`] when no guest is active or the host failed.
+    pub async fn query_off_runtime(
+        &self,
+        time_ms: u64,
+        request: &[u8],
+    ) -> Result<Outcome, HostFault> {
+        self.query_sliced(time_ms, request, INLINE_QUERY_FUEL).await
+    }
+
+    async fn query_sliced(
+        &self,
+        time_ms: u64,
+        request: &[u8],
+        slice: u64,
+    ) -> Result<Outcome, HostFault> {
+        let quick = self.run_query(time_ms, request, Some(slice))?;
+        if quick.fuel_used < slice {
+            return Ok(quick);
+        }
+        let reader = self.clone();
+        let request = request.to_vec();
+        tokio::task::spawn_blocking(move || reader.query(time_ms, &request))
+            .await
+            .map_err(|e| HostFault(format!("the query task failed: {e}")))?
+    }
+
+    /// Runs a query with `fuel`, or the full per-call budget.
+    fn run_query(
+        &self,
+        time_ms: u64,
+        request: &[u8],
+        fuel: Option<u64>,
+    ) -> Result<Outcome, HostFault> {
         let active = self
             .active()
             .ok_or_else(|| HostFault("no guest is active yet".into()))?;
@@ -214,7 +261,10 @@ impl StateReader {
             position: 0,
             time_ms,
         };
-        let outcome = self.gate.read(|| instance.query(ctx, request))?;
+        let outcome = self.gate.read(|| match fuel {
+            Some(fuel) => instance.query_with_fuel(ctx, request, fuel),
+            None => instance.query(ctx, request),
+        })?;
         let mut pool = active
             .queries
             .lock()
@@ -1082,6 +1132,48 @@ mod tests {
         ])
         .await?;
         Ok(sm.get_snapshot_builder().await.build_snapshot().await?)
+    }
+
+    /// A query that needs more than the inline fuel runs again on the
+    /// blocking pool and answers as if it had run once with the full budget.
+    #[tokio::test]
+    async fn a_query_past_its_inline_fuel_gets_the_full_budget() -> anyhow::Result<()> {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        let hash = hex::encode(sha2::Sha256::digest(BUNDLED_GUEST));
+        let set = guest_kv::command::Command::Set {
+            key: b"k",
+            value: b"v",
+            ttl_ms: 0,
+        };
+        sm.apply([
+            entry(
+                1,
+                vec![Op::StageGuest {
+                    module: BUNDLED_GUEST.to_vec(),
+                }],
+            ),
+            entry(2, vec![Op::ActivateGuest { hash, force: true }]),
+            entry(3, vec![Op::Apply(set.encode())]),
+        ])
+        .await?;
+        let reader = sm.reader();
+        let get = guest_kv::command::Command::Get { key: b"k" }.encode();
+
+        let full = reader.query(3, &get)?;
+        assert!(full.result.is_ok(), "{:?}", full.result);
+        // Too little fuel to answer inline: the slice alone runs out.
+        let slice = full.fuel_used / 2;
+        let starved = reader.run_query(3, &get, Some(slice))?;
+        assert_eq!(starved.fuel_used, slice);
+        assert!(starved.result.is_err(), "{:?}", starved.result);
+        // The sliced query falls back to the full budget.
+        let sliced = reader.query_sliced(3, &get, slice).await?;
+        assert_eq!(sliced, full);
+        // With enough fuel it answers inline, the same way.
+        assert_eq!(reader.query_off_runtime(3, &get).await?, full);
+        Ok(())
     }
 
     /// Two swaps in one apply call both reach the history: the second one

@@ -483,7 +483,8 @@ enum StartError {
 enum Call<'a> {
     Info,
     Apply(Context, &'a [u8]),
-    Query(Context, &'a [u8]),
+    /// A query and the fuel it may use.
+    Query(Context, &'a [u8], u64),
     Migrate(Context, GuestInfo),
 }
 
@@ -509,7 +510,24 @@ impl GuestInstance {
     /// # Errors
     /// [`HostFault`] as for [`GuestInstance::apply`].
     pub fn query(&mut self, ctx: Context, request: &[u8]) -> Result<Outcome, HostFault> {
-        self.call(Call::Query(ctx, request))
+        let fuel = self.module.runtime.limits.fuel_per_call;
+        self.call(Call::Query(ctx, request, fuel))
+    }
+
+    /// Like [`GuestInstance::query`], but with at most `fuel` (capped at the
+    /// per-call budget): a query that needs more ends out of fuel, with
+    /// `fuel_used` equal to the fuel given.
+    ///
+    /// # Errors
+    /// [`HostFault`] as for [`GuestInstance::apply`].
+    pub fn query_with_fuel(
+        &mut self,
+        ctx: Context,
+        request: &[u8],
+        fuel: u64,
+    ) -> Result<Outcome, HostFault> {
+        let fuel = fuel.min(self.module.runtime.limits.fuel_per_call);
+        self.call(Call::Query(ctx, request, fuel))
     }
 
     /// Runs the guest's migration hook under the migration fuel budget; a
@@ -569,7 +587,8 @@ impl GuestInstance {
         let limits = &self.module.runtime.limits;
         let fuel = match call {
             Call::Migrate(..) => limits.fuel_per_migration,
-            _ => limits.fuel_per_call,
+            Call::Query(_, _, fuel) => fuel,
+            Call::Info | Call::Apply(..) => limits.fuel_per_call,
         };
         let Live {
             store,
@@ -583,7 +602,7 @@ impl GuestInstance {
 
         let returned: wasmtime::Result<Result<Vec<u8>, String>> = match call {
             Call::Apply(ctx, command) => guest.call_apply(&mut *store, ctx, command),
-            Call::Query(ctx, request) => guest.call_query(&mut *store, ctx, request),
+            Call::Query(ctx, request, _) => guest.call_query(&mut *store, ctx, request),
             Call::Info => guest.call_info(&mut *store).map(|i| {
                 *info = Some(i);
                 Ok(Vec::new())
