@@ -248,6 +248,16 @@ impl TestCluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// The members node `i` sees, as `(id, voter)`.
+    pub async fn members(&self, i: usize) -> anyhow::Result<Vec<(u64, bool)>> {
+        let status = self.status(i).await?;
+        let members = status["members"].as_array().cloned().unwrap_or_default();
+        Ok(members
+            .iter()
+            .map(|m| (m["id"].as_u64().unwrap_or(0), m["voter"] == true))
+            .collect())
+    }
+
     /// The index of the node that every running node agrees leads.
     pub async fn leader(&self) -> anyhow::Result<usize> {
         self.wait_for("a leader all running nodes agree on", || async {

@@ -8,16 +8,6 @@ use std::time::{Duration, Instant};
 use raftwasm_tests::cluster::TestCluster;
 use serde_json::json;
 
-/// The members node `i` sees, as `(id, voter)`.
-async fn members(cluster: &TestCluster, i: usize) -> anyhow::Result<Vec<(u64, bool)>> {
-    let status = cluster.status(i).await?;
-    let members = status["members"].as_array().cloned().unwrap_or_default();
-    Ok(members
-        .iter()
-        .map(|m| (m["id"].as_u64().unwrap_or(0), m["voter"] == true))
-        .collect())
-}
-
 async fn join(
     cluster: &TestCluster,
     i: usize,
@@ -38,7 +28,7 @@ fn dead_address() -> anyhow::Result<String> {
 async fn a_second_id_for_a_members_addresses_is_refused() -> anyhow::Result<()> {
     let cluster = TestCluster::start(2, &[]).await?;
     let leader = cluster.leader().await?;
-    let before = members(&cluster, leader).await?;
+    let before = cluster.members(leader).await?;
     let (http, raft) = (&cluster.nodes[0].http, &cluster.nodes[0].raft);
     let dead = dead_address()?;
     for (http, raft) in [(http, raft), (http, &dead), (&dead, raft)] {
@@ -47,21 +37,21 @@ async fn a_second_id_for_a_members_addresses_is_refused() -> anyhow::Result<()> 
         assert_eq!(code, 409, "{body}");
         assert!(body.contains("already belongs to member"), "{body}");
     }
-    assert_eq!(members(&cluster, leader).await?, before);
+    assert_eq!(cluster.members(leader).await?, before);
 
     // A member re-joining with its own id and addresses is still fine.
     let status = cluster.status(1).await?;
     let request =
         json!({"id": status["id"], "http": cluster.nodes[1].http, "raft": cluster.nodes[1].raft});
     assert_eq!(join(&cluster, leader, request).await?, (200, "ok".into()));
-    assert_eq!(members(&cluster, leader).await?, before);
+    assert_eq!(cluster.members(leader).await?, before);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_node_that_cannot_catch_up_does_not_become_a_voter() -> anyhow::Result<()> {
     let cluster = TestCluster::start(1, &["--join-timeout-ms=1500"]).await?;
-    let before = members(&cluster, 0).await?;
+    let before = cluster.members(0).await?;
     let request = json!({"id": 4243, "http": dead_address()?, "raft": dead_address()?});
     let start = Instant::now();
     let (code, body) = join(&cluster, 0, request).await?;
@@ -74,7 +64,7 @@ async fn a_node_that_cannot_catch_up_does_not_become_a_voter() -> anyhow::Result
     );
     cluster
         .wait_for("the learner to be removed", || async {
-            let now = members(&cluster, 0).await?;
+            let now = cluster.members(0).await?;
             anyhow::ensure!(now == before, "members {now:?}");
             Ok(())
         })

@@ -4,16 +4,6 @@
 
 use raftwasm_tests::cluster::TestCluster;
 
-/// The members node `i` sees, as `(id, voter)`.
-async fn members(cluster: &TestCluster, i: usize) -> anyhow::Result<Vec<(u64, bool)>> {
-    let status = cluster.status(i).await?;
-    let members = status["members"].as_array().cloned().unwrap_or_default();
-    Ok(members
-        .iter()
-        .map(|m| (m["id"].as_u64().unwrap_or(0), m["voter"] == true))
-        .collect())
-}
-
 /// Node `i`'s id.
 async fn id(cluster: &TestCluster, i: usize) -> anyhow::Result<u64> {
     let status = cluster.status(i).await?;
@@ -41,7 +31,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
         format!("http://{}", cluster.nodes[leader].http).as_str()
     );
     assert!(!response.text().await?.is_empty());
-    assert_eq!(members(&cluster, leader).await?.len(), 3);
+    assert_eq!(cluster.members(leader).await?.len(), 3);
 
     // An id that is not a member.
     let mut ids = Vec::new();
@@ -58,7 +48,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
         assert_eq!(response.status().as_u16(), 400, "{bad}");
         assert!(!response.text().await?.is_empty(), "{bad} has no message");
     }
-    assert_eq!(members(&cluster, leader).await?.len(), 3);
+    assert_eq!(cluster.members(leader).await?.len(), 3);
 
     // The last join's membership change may still be finishing (the cluster
     // shows every node as a voter from its joint step on); the leader
@@ -79,7 +69,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
     for i in [leader, kept] {
         cluster
             .wait_for(&format!("node {i} to see two voters"), || async {
-                let mut seen = members(&cluster, i).await?;
+                let mut seen = cluster.members(i).await?;
                 seen.sort_unstable();
                 let mut expected = remaining.to_vec();
                 expected.sort_unstable();

@@ -1108,12 +1108,11 @@ mod tests {
         Ok(StateMachineStore::open(&disk, runtime)?)
     }
 
-    /// A state machine running the bundled guest, with one key set, and a
-    /// snapshot of it.
-    async fn snapshot_of_a_used_state() -> anyhow::Result<typ::Snapshot> {
+    /// A state machine in `dir` running the bundled guest, with `k=v` set
+    /// at index 3.
+    async fn used_state(dir: &tempfile::TempDir) -> anyhow::Result<StateMachineStore> {
         use sha2::Digest as _;
-        let dir = tempfile::tempdir()?;
-        let mut sm = open(&dir)?;
+        let mut sm = open(dir)?;
         let hash = hex::encode(sha2::Sha256::digest(BUNDLED_GUEST));
         let set = guest_kv::command::Command::Set {
             key: b"k",
@@ -1131,6 +1130,13 @@ mod tests {
             entry(3, vec![Op::Apply(set.encode())]),
         ])
         .await?;
+        Ok(sm)
+    }
+
+    /// A snapshot of [`used_state`].
+    async fn snapshot_of_a_used_state() -> anyhow::Result<typ::Snapshot> {
+        let dir = tempfile::tempdir()?;
+        let mut sm = used_state(&dir).await?;
         Ok(sm.get_snapshot_builder().await.build_snapshot().await?)
     }
 
@@ -1138,26 +1144,8 @@ mod tests {
     /// blocking pool and answers as if it had run once with the full budget.
     #[tokio::test]
     async fn a_query_past_its_inline_fuel_gets_the_full_budget() -> anyhow::Result<()> {
-        use sha2::Digest as _;
         let dir = tempfile::tempdir()?;
-        let mut sm = open(&dir)?;
-        let hash = hex::encode(sha2::Sha256::digest(BUNDLED_GUEST));
-        let set = guest_kv::command::Command::Set {
-            key: b"k",
-            value: b"v",
-            ttl_ms: 0,
-        };
-        sm.apply([
-            entry(
-                1,
-                vec![Op::StageGuest {
-                    module: BUNDLED_GUEST.to_vec(),
-                }],
-            ),
-            entry(2, vec![Op::ActivateGuest { hash, force: true }]),
-            entry(3, vec![Op::Apply(set.encode())]),
-        ])
-        .await?;
+        let sm = used_state(&dir).await?;
         let reader = sm.reader();
         let get = guest_kv::command::Command::Get { key: b"k" }.encode();
 
