@@ -91,6 +91,11 @@ pub struct NodeConfig {
     /// Log entries kept after a snapshot, for followers that lag a little.
     #[arg(long, default_value_t = 1000)]
     pub keep_entries: u64,
+    /// Snapshot bytes sent to a peer per message: a snapshot of any size
+    /// travels as a sequence of pieces of this size.
+    #[arg(long, default_value_t = crate::raft::network::SNAPSHOT_CHUNK_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=(256 << 20)))]
+    pub snapshot_chunk_bytes: usize,
     /// How long a write may wait for its commit before its outcome is
     /// reported unknown, milliseconds.
     #[arg(long, default_value_t = 5000)]

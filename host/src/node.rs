@@ -153,7 +153,8 @@ pub async fn run(
         }
         None => BUNDLED_GUEST.to_vec(),
     };
-    let state_machine = StateMachineStore::open(&disk, runtime.clone())?;
+    let state_machine =
+        StateMachineStore::open(&disk, &config.node.join("snapshots"), runtime.clone())?;
     let state = state_machine.reader();
 
     let addrs = NodeInfo {
@@ -172,7 +173,8 @@ pub async fn run(
     }
     .validate()
     .context("invalid Raft timing flags")?;
-    let network = NetworkFactory::new(id, config.token.clone());
+    let network = NetworkFactory::new(id, config.token.clone())
+        .with_snapshot_chunk_bytes(config.snapshot_chunk_bytes);
     let raft = Raft::new(
         id,
         Arc::new(raft_config),

@@ -18,9 +18,10 @@ impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, te
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), typ::StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let disk = Disk::open(dir.path()).expect("sled opens");
+        let disk = Disk::open(&dir.path().join("db")).expect("sled opens");
         let log = LogStore::open(&disk)?;
-        let sm = StateMachineStore::open(&disk, self.runtime.clone())?;
+        let sm =
+            StateMachineStore::open(&disk, &dir.path().join("snapshots"), self.runtime.clone())?;
         Ok((dir, log, sm))
     }
 }

@@ -1,5 +1,9 @@
 //! A follower that was down while the leader snapshotted and purged the log
 //! entries it misses catches up by installing the leader's snapshot.
+//!
+//! The snapshot pieces are made tiny (`--snapshot-chunk-bytes`): the
+//! snapshot (the guest module alone is over 20 KiB) crosses in dozens of
+//! pieces, so the follower installs it from a file assembled piece by piece.
 
 use raftwasm_tests::cluster::TestCluster;
 
@@ -13,7 +17,15 @@ fn index(status: &serde_json::Value, field: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::start(3, &["--snapshot-entries=20", "--keep-entries=5"]).await?;
+    let mut cluster = TestCluster::start(
+        3,
+        &[
+            "--snapshot-entries=20",
+            "--keep-entries=5",
+            "--snapshot-chunk-bytes=1024",
+        ],
+    )
+    .await?;
     let leader = cluster.leader().await?;
     let follower = (leader + 1) % 3;
 
@@ -67,6 +79,23 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
             Ok(())
         })
         .await?;
+    let log = cluster.nodes[follower].log_text();
+    let pieces = log
+        .lines()
+        .filter(|line| line.contains("received a snapshot"))
+        .filter_map(|line| {
+            line.split("pieces=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max();
+    assert!(
+        pieces.is_some_and(|p| p > 10),
+        "the follower received its snapshot in {pieces:?} pieces"
+    );
     let after = cluster.status(follower).await?;
     let snapshot = index(&after, "snapshot");
     assert!(

@@ -5,11 +5,10 @@
 //! - [`disk`]: `Disk`, the node's sled database and its one flush.
 //! - [`log_store`]: `LogStore`, the Raft log, vote and committed id on sled.
 //! - [`state_machine`]: `StateMachineStore`, applies entries through the guest;
-//!   [`redo`] makes each apply call atomic across a crash.
+//!   [`redo`] makes each apply call atomic across a crash;
+//!   [`snapshot_file`] is the streamed snapshot format and its files.
 //! - [`network`]: `NetworkFactory`, the peer client over long-lived TCP
 //!   connections; [`peer_server`] answers it on the `--raft` port.
-
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +19,7 @@ pub mod network;
 pub mod peer_server;
 pub mod read_barrier;
 pub mod redo;
+pub mod snapshot_file;
 pub mod state_machine;
 
 /// A node's id: chosen on first boot and persisted in its data dir.
@@ -100,7 +100,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot_file::SnapshotFile,
 );
 
 /// The openraft handle of a node.

@@ -4,6 +4,10 @@
 //!
 //! The server side is [`super::peer_server`]; both use the frame helpers and
 //! message types defined here.
+//!
+//! Snapshots travel as a sequence of [`SnapshotChunk`]s read from the
+//! snapshot file, each answered before the next is sent, so no frame and no
+//! buffer on either side grows with the size of the state.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,18 +27,22 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{NodeId, NodeInfo, TypeConfig, typ};
 
 /// Version of the peer protocol, sent in [`Hello`]. A node refuses a peer
 /// that speaks another version instead of misreading its frames.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Largest frame body either side sends or accepts. A snapshot travels in
-/// one frame, so this also caps the size of a snapshot.
+/// Largest frame body either side sends or accepts. Snapshots travel in
+/// chunks, so this bounds one AppendEntries batch, not the state.
 pub const MAX_FRAME_LEN: usize = 1 << 30;
+
+/// The snapshot bytes sent per [`SnapshotChunk`] unless the node is
+/// configured otherwise (`--snapshot-chunk-bytes`).
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
 
 /// Largest [`Hello`] frame a server reads before the peer is authenticated.
 pub const MAX_HELLO_LEN: usize = 64 * 1024;
@@ -82,40 +90,57 @@ pub enum HelloReply {
 }
 
 /// One Raft RPC, as sent from a leader or candidate to a peer.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// Replicate entries (or a heartbeat when empty).
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     /// Ask for a vote.
     Vote(VoteRequest<NodeId>),
-    /// Install a whole snapshot, sent in one frame.
-    FullSnapshot {
-        /// The leader's vote; the follower refuses the snapshot if its own
-        /// vote is greater.
-        vote: typ::Vote,
-        /// Which log id and membership the snapshot covers.
-        meta: typ::SnapshotMeta,
-        /// The snapshot's bytes, as built by the state machine.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
+    /// One piece of a snapshot; the last one asks the peer to install it.
+    SnapshotChunk(SnapshotChunk),
 }
 
-// Written by hand so that logging a snapshot request prints its size, not
-// its bytes.
-impl fmt::Debug for PeerRequest {
+/// A piece of a snapshot file. The pieces of one snapshot are sent in
+/// order, one at a time, starting at offset 0; the receiver refuses a piece
+/// that does not continue what it has.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// The leader's vote; the follower refuses the snapshot if its own
+    /// vote is greater.
+    pub vote: typ::Vote,
+    /// Which log id and membership the snapshot covers.
+    pub meta: typ::SnapshotMeta,
+    /// Where `data` starts in the snapshot file.
+    pub offset: u64,
+    /// The bytes of the file from `offset`.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// Whether this is the last piece: the receiver then checks and
+    /// installs the snapshot before it answers.
+    pub done: bool,
+}
+
+// Written by hand so that logging a piece prints its size, not its bytes.
+impl fmt::Debug for SnapshotChunk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::AppendEntries(rpc) => f.debug_tuple("AppendEntries").field(rpc).finish(),
-            Self::Vote(rpc) => f.debug_tuple("Vote").field(rpc).finish(),
-            Self::FullSnapshot { vote, meta, data } => f
-                .debug_struct("FullSnapshot")
-                .field("vote", vote)
-                .field("meta", meta)
-                .field("data_len", &data.len())
-                .finish(),
-        }
+        f.debug_struct("SnapshotChunk")
+            .field("vote", &self.vote)
+            .field("meta", &self.meta)
+            .field("offset", &self.offset)
+            .field("data_len", &self.data.len())
+            .field("done", &self.done)
+            .finish()
     }
+}
+
+/// Why a peer did not take a [`SnapshotChunk`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SnapshotChunkError {
+    /// The peer's Raft stopped.
+    Fatal(Fatal<NodeId>),
+    /// The piece does not continue the snapshot being received, or the
+    /// peer could not store it; the leader sends the snapshot again later.
+    Refused(String),
 }
 
 /// The answer to a [`PeerRequest`], with the same variant.
@@ -125,8 +150,9 @@ pub enum PeerResponse {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, typ::RaftError>),
     /// Answer to [`PeerRequest::Vote`].
     Vote(Result<VoteResponse<NodeId>, typ::RaftError>),
-    /// Answer to [`PeerRequest::FullSnapshot`].
-    FullSnapshot(Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
+    /// Answer to [`PeerRequest::SnapshotChunk`]: the peer's vote once the
+    /// last piece is installed, nothing for the pieces before.
+    SnapshotChunk(Result<Option<SnapshotResponse<NodeId>>, SnapshotChunkError>),
 }
 
 impl PeerResponse {
@@ -134,7 +160,7 @@ impl PeerResponse {
         match self {
             Self::AppendEntries(_) => "append-entries",
             Self::Vote(_) => "vote",
-            Self::FullSnapshot(_) => "full-snapshot",
+            Self::SnapshotChunk(_) => "snapshot-chunk",
         }
     }
 }
@@ -284,10 +310,21 @@ pub enum PeerError {
         /// The kind of response that came back.
         response: &'static str,
     },
-    /// openraft asked for a chunked snapshot transfer, which this transport
-    /// never uses: snapshots go whole through `full_snapshot`.
-    #[error("chunked snapshot install is not used; snapshots are sent whole")]
+    /// openraft asked for its own chunked snapshot transfer, which this
+    /// transport never uses: snapshots go through `full_snapshot`.
+    #[error("openraft's chunked snapshot install is not used; snapshots go through full_snapshot")]
     ChunkedSnapshotUnsupported,
+    /// The peer did not take a piece of a snapshot.
+    #[error("peer {addr} refused a snapshot chunk: {reason}")]
+    SnapshotRefused {
+        /// The peer's raft address.
+        addr: String,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The local snapshot file could not be read.
+    #[error("reading the snapshot to send: {0}")]
+    SnapshotRead(std::io::Error),
 }
 
 /// An RPC failure: either a [`PeerError`] or a deadline.
@@ -313,6 +350,7 @@ pub struct NetworkFactory {
     id: NodeId,
     token: Option<Arc<str>>,
     pools: Arc<Mutex<HashMap<String, Pool>>>,
+    snapshot_chunk_bytes: usize,
 }
 
 impl fmt::Debug for NetworkFactory {
@@ -333,7 +371,15 @@ impl NetworkFactory {
             id,
             token: token.map(Arc::from),
             pools: Arc::default(),
+            snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES,
         }
+    }
+
+    /// Sends snapshots in pieces of `bytes` (at least 1).
+    #[must_use]
+    pub fn with_snapshot_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.snapshot_chunk_bytes = bytes.max(1);
+        self
     }
 }
 
@@ -356,6 +402,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             node: node.clone(),
             token: self.token.clone(),
             pool,
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes,
         }
     }
 }
@@ -370,6 +417,7 @@ pub struct PeerClient {
     node: NodeInfo,
     token: Option<Arc<str>>,
     pool: Pool,
+    snapshot_chunk_bytes: usize,
 }
 
 impl fmt::Debug for PeerClient {
@@ -618,11 +666,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         )))
     }
 
-    /// Sends the whole snapshot in one frame and waits until the peer has
-    /// installed it. openraft's chunked default gives every chunk the short
-    /// install-snapshot TTL, which large snapshots cannot meet; this gives
-    /// the whole transfer and install one minute plus one second per 8 MiB,
-    /// and gives up as soon as `cancel` resolves.
+    /// Sends the snapshot file in [`SnapshotChunk`]s, one at a time, and
+    /// waits until the peer has installed it. Each piece gets one minute
+    /// plus one second per 8 MiB, and the last (which the peer checks and
+    /// installs before answering) that much for the whole file; openraft's
+    /// chunked default would give the install only the short
+    /// install-snapshot TTL. Gives up as soon as `cancel` resolves.
     async fn full_snapshot(
         &mut self,
         vote: typ::Vote,
@@ -630,27 +679,62 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let data = snapshot.snapshot.into_inner();
-        let timeout = snapshot_timeout(data.len());
-        let request = PeerRequest::FullSnapshot {
-            vote,
-            meta: snapshot.meta,
-            data,
-        };
-        let response = tokio::select! {
-            biased;
-            closed = cancel => return Err(StreamingError::Closed(closed)),
-            response = self.call(&request, timeout) => response,
-        };
-        match response {
-            Ok(PeerResponse::FullSnapshot(Ok(resp))) => Ok(resp),
-            Ok(PeerResponse::FullSnapshot(Err(fatal))) => Err(StreamingError::RemoteError(
-                RemoteError::new_with_node(self.target, self.node.clone(), fatal),
-            )),
-            Ok(other) => Err(StreamingError::Network(NetworkError::new(
-                &self.unexpected("full-snapshot", &other),
-            ))),
-            Err(e) => Err(self.streaming_error(e)),
+        tokio::pin!(cancel);
+        let typ::Snapshot {
+            meta,
+            snapshot: mut file,
+        } = snapshot;
+        let read_err = |e| self.streaming_error(CallError::Peer(PeerError::SnapshotRead(e)));
+        let len = file
+            .seek(std::io::SeekFrom::End(0))
+            .await
+            .map_err(read_err)?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(read_err)?;
+        let mut offset = 0u64;
+        loop {
+            let want = (len - offset).min(self.snapshot_chunk_bytes as u64) as usize;
+            let mut data = vec![0; want];
+            file.read_exact(&mut data).await.map_err(read_err)?;
+            let done = offset + want as u64 == len;
+            let timeout = snapshot_timeout(if done { len as usize } else { want });
+            let request = PeerRequest::SnapshotChunk(SnapshotChunk {
+                vote,
+                meta: meta.clone(),
+                offset,
+                data,
+                done,
+            });
+            let response = tokio::select! {
+                biased;
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                response = self.call(&request, timeout) => response,
+            };
+            match response {
+                Ok(PeerResponse::SnapshotChunk(Ok(Some(resp)))) if done => return Ok(resp),
+                Ok(PeerResponse::SnapshotChunk(Ok(None))) if !done => offset += want as u64,
+                Ok(PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Fatal(fatal)))) => {
+                    return Err(StreamingError::RemoteError(RemoteError::new_with_node(
+                        self.target,
+                        self.node.clone(),
+                        fatal,
+                    )));
+                }
+                Ok(PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Refused(reason)))) => {
+                    let refused = PeerError::SnapshotRefused {
+                        addr: self.addr().to_owned(),
+                        reason,
+                    };
+                    return Err(StreamingError::Network(NetworkError::new(&refused)));
+                }
+                Ok(other) => {
+                    return Err(StreamingError::Network(NetworkError::new(
+                        &self.unexpected("snapshot-chunk", &other),
+                    )));
+                }
+                Err(e) => return Err(self.streaming_error(e)),
+            }
         }
     }
 }
@@ -663,6 +747,7 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership, StoredMembership};
 
     use super::*;
+    use crate::raft::snapshot_file::SnapshotFile;
     use crate::raft::{Op, Request};
 
     fn log_id(term: u64, index: u64) -> typ::LogId {
@@ -740,9 +825,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn full_snapshot_request_survives_a_frame_round_trip() -> anyhow::Result<()> {
+    async fn snapshot_chunk_survives_a_frame_round_trip() -> anyhow::Result<()> {
         let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
-        let request = PeerRequest::FullSnapshot {
+        let request = PeerRequest::SnapshotChunk(SnapshotChunk {
             vote: openraft::Vote::new_committed(4, 1),
             meta: typ::SnapshotMeta {
                 last_log_id: Some(log_id(4, 100)),
@@ -752,8 +837,10 @@ mod tests {
                 ),
                 snapshot_id: "4-100-1".into(),
             },
+            offset: 1 << 40,
             data: data.clone(),
-        };
+            done: true,
+        });
         let frame = encode_frame(&request)?;
         // serde_bytes keeps the payload a msgpack binary, not an array of
         // integers: the frame is barely larger than the data.
@@ -765,7 +852,7 @@ mod tests {
         let back = round_trip(&request).await?;
         assert!(same(&request, &back), "{request:?} != {back:?}");
         assert!(
-            matches!(&back, PeerRequest::FullSnapshot { data: got, .. } if *got == data),
+            matches!(&back, PeerRequest::SnapshotChunk(chunk) if chunk.data == data),
             "snapshot bytes changed in transit"
         );
         Ok(())
@@ -781,10 +868,12 @@ mod tests {
                 Some(log_id(2, 9)),
                 true,
             ))),
-            PeerResponse::FullSnapshot(Ok(SnapshotResponse::new(openraft::Vote::new_committed(
-                4, 1,
+            PeerResponse::SnapshotChunk(Ok(Some(SnapshotResponse::new(
+                openraft::Vote::new_committed(4, 1),
             )))),
-            PeerResponse::FullSnapshot(Err(Fatal::Panicked)),
+            PeerResponse::SnapshotChunk(Ok(None)),
+            PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Fatal(Fatal::Panicked))),
+            PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Refused("out of order".into()))),
         ];
         for response in &responses {
             let back = round_trip(response).await?;
@@ -862,9 +951,9 @@ mod tests {
             PeerRequest::Vote(rpc) => {
                 PeerResponse::Vote(Ok(VoteResponse::new(rpc.vote, rpc.last_log_id, true)))
             }
-            PeerRequest::FullSnapshot { vote, .. } => {
-                PeerResponse::FullSnapshot(Ok(SnapshotResponse::new(vote)))
-            }
+            PeerRequest::SnapshotChunk(chunk) => PeerResponse::SnapshotChunk(Ok(chunk
+                .done
+                .then(|| SnapshotResponse::new(chunk.vote)))),
         }
     }
 
@@ -1029,32 +1118,75 @@ mod tests {
         anyhow::bail!("no successful vote after the peer restarted")
     }
 
+    /// A snapshot file of `len` bytes, in `dir`.
+    async fn snapshot_file(
+        dir: &tempfile::TempDir,
+        len: usize,
+    ) -> anyhow::Result<(Vec<u8>, typ::Snapshot)> {
+        let bytes: Vec<u8> = (0..len).map(|n| (n % 251) as u8).collect();
+        let path = dir.path().join(format!("{len}.snap"));
+        std::fs::write(&path, &bytes)?;
+        let snapshot = typ::Snapshot {
+            meta: typ::SnapshotMeta::default(),
+            snapshot: Box::new(SnapshotFile::open(&path).await?),
+        };
+        Ok((bytes, snapshot))
+    }
+
+    /// The file goes in pieces of the configured size, in order, and the
+    /// peer's answer to the last piece is the result; a transfer can be
+    /// cancelled.
     #[tokio::test]
-    async fn full_snapshot_is_sent_whole_and_can_be_cancelled() -> anyhow::Result<()> {
-        let (addr, _stop) = fake_peer(None, |request| async move {
-            match request {
-                PeerRequest::FullSnapshot { vote, data, .. } if data.len() == 3 << 20 => {
-                    PeerResponse::FullSnapshot(Ok(SnapshotResponse::new(vote)))
-                }
-                _ => PeerResponse::FullSnapshot(Err(Fatal::Panicked)),
+    async fn snapshot_is_sent_in_chunks_and_can_be_cancelled() -> anyhow::Result<()> {
+        let received: Arc<Mutex<Vec<(u64, usize, bool)>>> = Arc::default();
+        let log = received.clone();
+        let (addr, _stop) = fake_peer(None, move |request| {
+            let log = log.clone();
+            async move {
+                let PeerRequest::SnapshotChunk(chunk) = request else {
+                    return PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Fatal(
+                        Fatal::Panicked,
+                    )));
+                };
+                log.lock().unwrap_or_else(PoisonError::into_inner).push((
+                    chunk.offset,
+                    chunk.data.len(),
+                    chunk.done,
+                ));
+                PeerResponse::SnapshotChunk(Ok(chunk
+                    .done
+                    .then(|| SnapshotResponse::new(chunk.vote))))
             }
         })
         .await?;
+        let dir = tempfile::tempdir()?;
         let mut client = client(None, &addr).await;
-        let snapshot = || typ::Snapshot {
-            meta: typ::SnapshotMeta::default(),
-            snapshot: Box::new(std::io::Cursor::new(vec![7u8; 3 << 20])),
-        };
+        client.snapshot_chunk_bytes = 1 << 20;
         let vote = openraft::Vote::new_committed(6, 1);
+        let (_, snapshot) = snapshot_file(&dir, (3 << 20) + 5).await?;
         let resp = client
-            .full_snapshot(vote, snapshot(), std::future::pending(), option())
+            .full_snapshot(vote, snapshot, std::future::pending(), option())
             .await?;
         assert_eq!(resp.vote, vote);
+        let pieces = received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        assert_eq!(
+            pieces,
+            [
+                (0, 1 << 20, false),
+                (1 << 20, 1 << 20, false),
+                (2 << 20, 1 << 20, false),
+                (3 << 20, 5, true)
+            ]
+        );
 
+        let (_, snapshot) = snapshot_file(&dir, 10).await?;
         let cancelled = client
             .full_snapshot(
                 vote,
-                snapshot(),
+                snapshot,
                 std::future::ready(ReplicationClosed::new("test")),
                 option(),
             )
@@ -1067,26 +1199,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn remote_fatal_on_snapshot_is_a_remote_error() -> anyhow::Result<()> {
+    async fn remote_fatal_or_refusal_on_snapshot_is_an_error() -> anyhow::Result<()> {
         let (addr, _stop) = fake_peer(None, |_| async {
-            PeerResponse::FullSnapshot(Err(Fatal::Stopped))
+            PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Fatal(Fatal::Stopped)))
         })
         .await?;
-        let mut client = client(None, &addr).await;
-        let snapshot = typ::Snapshot {
-            meta: typ::SnapshotMeta::default(),
-            snapshot: Box::new(std::io::Cursor::new(Vec::new())),
-        };
-        let err = client
-            .full_snapshot(
-                openraft::Vote::new_committed(6, 1),
-                snapshot,
-                std::future::pending(),
-                option(),
-            )
+        let dir = tempfile::tempdir()?;
+        let mut stopped = client(None, &addr).await;
+        let vote = openraft::Vote::new_committed(6, 1);
+        let (_, snapshot) = snapshot_file(&dir, 0).await?;
+        let err = stopped
+            .full_snapshot(vote, snapshot, std::future::pending(), option())
             .await;
         assert!(
             matches!(&err, Err(StreamingError::RemoteError(e)) if e.source == Fatal::Stopped),
+            "{err:?}"
+        );
+
+        let (addr, _stop) = fake_peer(None, |_| async {
+            PeerResponse::SnapshotChunk(Err(SnapshotChunkError::Refused("out of order".into())))
+        })
+        .await?;
+        let mut refusing = client(None, &addr).await;
+        let (_, snapshot) = snapshot_file(&dir, 100).await?;
+        let err = refusing
+            .full_snapshot(vote, snapshot, std::future::pending(), option())
+            .await;
+        assert!(
+            matches!(&err, Err(StreamingError::Network(e)) if e.to_string().contains("out of order")),
             "{err:?}"
         );
         Ok(())
@@ -1196,11 +1336,12 @@ mod proptests {
                 prop::option::of(log_id()),
                 membership(),
                 any::<String>(),
-                bytes(256),
+                (any::<u64>(), bytes(256), any::<bool>()),
             )
                 .prop_map(
-                    |(vote, last_log_id, membership_log_id, membership, snapshot_id, data)| {
-                        PeerRequest::FullSnapshot {
+                    |(vote, last_log_id, membership_log_id, membership, snapshot_id, piece)| {
+                        let (offset, data, done) = piece;
+                        PeerRequest::SnapshotChunk(SnapshotChunk {
                             vote,
                             meta: typ::SnapshotMeta {
                                 last_log_id,
@@ -1210,8 +1351,10 @@ mod proptests {
                                 ),
                                 snapshot_id,
                             },
+                            offset,
                             data,
-                        }
+                            done,
+                        })
                     }
                 ),
         ]

@@ -4,21 +4,22 @@
 //! Wire format and message types live in [`super::network`].
 
 use std::future::Future;
-use std::io::Cursor;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::network::{
     FrameError, Hello, HelloReply, MAX_FRAME_LEN, MAX_HELLO_LEN, PROTOCOL_VERSION, PeerRequest,
-    PeerResponse, read_frame, write_frame,
+    PeerResponse, SnapshotChunk, SnapshotChunkError, read_frame, write_frame,
 };
+use super::snapshot_file::SnapshotFile;
 use super::{Raft, typ};
 use crate::stall_timeout::StallTimeout;
 
@@ -64,9 +65,11 @@ pub async fn serve(
     limits: PeerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let receiving: Arc<Mutex<Option<Receiving>>> = Arc::default();
     let handler = move |request| {
         let raft = raft.clone();
-        async move { dispatch(&raft, request).await }
+        let receiving = receiving.clone();
+        async move { dispatch(&raft, &receiving, request).await }
     };
     serve_with(listener, token, limits, shutdown, handler).await;
 }
@@ -224,20 +227,95 @@ pub fn tokens_match(given: &str, expected: &str) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-async fn dispatch(raft: &Raft, request: PeerRequest) -> PeerResponse {
+async fn dispatch(
+    raft: &Raft,
+    receiving: &Mutex<Option<Receiving>>,
+    request: PeerRequest,
+) -> PeerResponse {
     match request {
         PeerRequest::AppendEntries(rpc) => {
             PeerResponse::AppendEntries(raft.append_entries(rpc).await)
         }
         PeerRequest::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await),
-        PeerRequest::FullSnapshot { vote, meta, data } => {
-            let snapshot = typ::Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            };
-            PeerResponse::FullSnapshot(raft.install_full_snapshot(vote, snapshot).await)
+        PeerRequest::SnapshotChunk(chunk) => {
+            PeerResponse::SnapshotChunk(receive_chunk(raft, receiving, chunk).await)
         }
     }
+}
+
+/// The snapshot being received: one at a time per node; a piece at offset 0
+/// starts over (dropping the file of an abandoned one).
+#[derive(Debug)]
+struct Receiving {
+    snapshot_id: String,
+    file: Box<SnapshotFile>,
+    received: u64,
+    pieces: u64,
+}
+
+/// Writes one piece of a snapshot to its file (made by the state machine)
+/// and, after the last one, hands the file to Raft to check and install.
+async fn receive_chunk(
+    raft: &Raft,
+    receiving: &Mutex<Option<Receiving>>,
+    chunk: SnapshotChunk,
+) -> Result<Option<openraft::raft::SnapshotResponse<super::NodeId>>, SnapshotChunkError> {
+    let refused = |what: &str, e: &dyn std::fmt::Display| {
+        SnapshotChunkError::Refused(format!("{what} snapshot {}: {e}", chunk.meta.snapshot_id))
+    };
+    let mut slot = receiving.lock().await;
+    if chunk.offset == 0 {
+        let file = raft
+            .begin_receiving_snapshot()
+            .await
+            .map_err(|e| refused("cannot start receiving", &e))?;
+        *slot = Some(Receiving {
+            snapshot_id: chunk.meta.snapshot_id.clone(),
+            file,
+            received: 0,
+            pieces: 0,
+        });
+    }
+    let current = slot
+        .as_mut()
+        .filter(|r| r.snapshot_id == chunk.meta.snapshot_id && r.received == chunk.offset)
+        .ok_or_else(|| {
+            refused(
+                "out of order: this piece does not continue",
+                &format_args!("offset {}", chunk.offset),
+            )
+        })?;
+    if let Err(e) = current.file.write_all(&chunk.data).await {
+        *slot = None;
+        return Err(refused("cannot store", &e));
+    }
+    current.received += chunk.data.len() as u64;
+    current.pieces += 1;
+    if !chunk.done {
+        return Ok(None);
+    }
+    let Some(Receiving {
+        mut file,
+        received,
+        pieces,
+        ..
+    }) = slot.take()
+    else {
+        return Err(refused("lost", &"no file"));
+    };
+    info!(snapshot = %chunk.meta.snapshot_id, bytes = received, pieces, "received a snapshot; installing it");
+    file.sync().await.map_err(|e| refused("cannot store", &e))?;
+    file.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(|e| refused("cannot read back", &e))?;
+    let snapshot = typ::Snapshot {
+        meta: chunk.meta,
+        snapshot: file,
+    };
+    raft.install_full_snapshot(chunk.vote, snapshot)
+        .await
+        .map(Some)
+        .map_err(SnapshotChunkError::Fatal)
 }
 
 #[cfg(test)]

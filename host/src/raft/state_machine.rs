@@ -12,11 +12,15 @@
 //! record together with last-applied and membership, then applied: a crash
 //! never applies an entry twice or half. Nothing here syncs — the log is the
 //! durable record, and the next log flush covers the state too. Queries see
-//! whole apply calls only. Snapshots copy the whole tree, so they carry the
-//! active guest too.
+//! whole apply calls only.
+//!
+//! Snapshots are files (see [`super::snapshot_file`]) holding the whole tree,
+//! so they carry the active guest too. They are written, checked and
+//! installed one entry at a time on blocking threads; the `snapshot` tree
+//! names the current one.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Cursor;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -26,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::disk::Disk;
 use super::redo::{self, RedoHead, Write};
+use super::snapshot_file::{self, SnapshotDir, SnapshotFile};
 use super::{Op, OpResult, Request, Response, TypeConfig, typ};
 use crate::metrics::LatencyHistogram;
 use crate::runtime::{
@@ -45,7 +50,10 @@ const KEY_STAGED_ORDER: &[u8] = b"\0guest/staged-order";
 /// one staged before it. Both depend only on the log, so every replica
 /// keeps the same ones.
 pub const MAX_STAGED: usize = 4;
-const KEY_SNAPSHOT: &[u8] = b"current";
+/// The current snapshot's [`StoredSnapshot`], in the `snapshot` tree.
+const KEY_SNAPSHOT: &[u8] = b"current-file";
+/// Where earlier versions kept the current snapshot whole ([`InlineSnapshot`]).
+const KEY_INLINE_SNAPSHOT: &[u8] = b"current";
 
 /// The guest keys of the state tree, as the runtime's [`StateRead`].
 #[derive(Debug, Clone)]
@@ -319,16 +327,25 @@ pub struct SwapRecord {
     pub forced: bool,
 }
 
-/// The snapshot as stored and sent: every entry of the state tree.
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotData {
-    entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
-}
-
+/// The current snapshot: what it covers and its file in the snapshot
+/// directory.
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: typ::SnapshotMeta,
+    file: String,
+}
+
+/// How earlier versions stored the current snapshot: every entry of the
+/// state tree in one sled value. Converted to a file on open.
+#[derive(Debug, Deserialize)]
+struct InlineSnapshot {
+    meta: typ::SnapshotMeta,
     data: serde_bytes::ByteBuf,
+}
+
+#[derive(Debug, Deserialize)]
+struct InlineSnapshotData {
+    entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
 }
 
 /// Compiles staged modules on one background thread, in staging order, so
@@ -423,6 +440,7 @@ pub struct StateMachineStore {
     disk: Disk,
     tree: sled::Tree,
     snapshots: sled::Tree,
+    snapshot_dir: SnapshotDir,
     runtime: GuestRuntime,
     reader: StateReader,
     /// The apply instance of the active guest.
@@ -481,17 +499,213 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, typ::StorageError> {
     rmp_serde::to_vec(value).map_err(write_err)
 }
 
+/// Replaces the whole state tree with the entries of the snapshot file at
+/// `path` (checked already), one entry at a time.
+///
+/// The redo head goes first and comes back last, so a crash part way
+/// leaves a state that reports an older applied id than the stored
+/// snapshot, and `open` installs it again.
+fn replace_state(
+    tree: &sled::Tree,
+    disk: &Disk,
+    gate: &CommitGate,
+    path: &Path,
+) -> Result<(), typ::StorageError> {
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut reader = snapshot_file::Reader::new(file).map_err(read_err)?;
+    gate.commit(|| {
+        tree.remove(redo::KEY_HEAD).map_err(write_err)?;
+        for key in tree.iter().keys() {
+            tree.remove(key.map_err(read_err)?).map_err(write_err)?;
+        }
+        let mut head = None;
+        while let Some((k, v)) = reader.next_entry().map_err(read_err)? {
+            if redo::is_head(&k) {
+                head = Some(v);
+                continue;
+            }
+            disk.note_write(v.len());
+            tree.insert(k, v).map_err(write_err)?;
+        }
+        if let Some(head) = head {
+            tree.insert(redo::KEY_HEAD, head).map_err(write_err)?;
+        }
+        Ok(())
+    })
+}
+
+/// Reads a received snapshot file through and checks everything `open`
+/// and [`StateMachineStore::load_meta`] will read from it: the file is
+/// whole and undamaged, its keys are in the tree's layout, the redo record
+/// (its head names the snapshot's own last log id, its chunks are all there
+/// and decode), the guest metadata, and that the active guest loads. Only
+/// the host's entries are held in memory, never the guest's keys.
+///
+/// # Errors
+/// Why the snapshot cannot be installed.
+fn check_snapshot(
+    runtime: &GuestRuntime,
+    meta: &typ::SnapshotMeta,
+    path: &Path,
+) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("it cannot be opened: {e}"))?;
+    let mut reader = snapshot_file::Reader::new(file).map_err(|e| e.to_string())?;
+    let mut host: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    while let Some((key, value)) = reader.next_entry().map_err(|e| e.to_string())? {
+        match key.first() {
+            Some(0) => {
+                host.insert(key, value);
+            }
+            Some(&GUEST) => {}
+            _ => return Err("it holds a key outside the state's layout".into()),
+        }
+    }
+    let entries: HashMap<&[u8], &[u8]> = host
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    let head: Option<RedoHead> = entries
+        .get(redo::KEY_HEAD)
+        .map(|bytes| rmp_serde::from_slice(bytes))
+        .transpose()
+        .map_err(|e| format!("its redo head does not decode: {e}"))?;
+    let applied = head.as_ref().and_then(|head| head.applied);
+    if applied != meta.last_log_id {
+        return Err(format!(
+            "its state is applied up to {applied:?}, but it claims {:?}",
+            meta.last_log_id
+        ));
+    }
+    if let Some(head) = &head {
+        let chunks = (0..head.chunks)
+            .map(|index| {
+                entries
+                    .get(redo::chunk_key(head.seq, index).as_slice())
+                    .copied()
+                    .ok_or_else(|| format!("its redo record lacks chunk {index}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if head.chunks > 0 {
+            redo::decode_writes(&chunks.concat())
+                .map_err(|e| format!("its redo record does not decode: {e}"))?;
+        }
+    }
+    decodes::<u64>(&entries, KEY_GUEST_SINCE, "guest index")?;
+    decodes::<String>(&entries, KEY_GUEST_HASH, "guest hash")?;
+    decodes::<Vec<SwapRecord>>(&entries, KEY_GUEST_HISTORY, "guest history")?;
+    decodes::<Vec<String>>(&entries, KEY_STAGED_ORDER, "staging order")?;
+    if let Some(module) = entries.get(KEY_GUEST_MODULE) {
+        runtime
+            .load(module)
+            .map_err(|e| format!("its active guest does not load: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Writes every entry of `tree` to a new snapshot file at `path`, synced.
+fn dump_tree(tree: &sled::Tree, path: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let mut writer = snapshot_file::Writer::new(file)?;
+    for item in tree.iter() {
+        let (key, value) = item.map_err(io_err)?;
+        writer.entry(&key, &value)?;
+    }
+    writer.finish()?.sync_all()
+}
+
+/// Runs `work` on a blocking thread and waits for it: long snapshot work
+/// must not hold one of the async runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, typ::StorageError> + Send + 'static,
+) -> Result<T, typ::StorageError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| write_err(format!("snapshot work failed: {e}")))?
+}
+
+/// Makes the synced snapshot file `part` the current snapshot: moves it into
+/// place, records it (flushed), then removes the file it replaces. Returns
+/// the path of its file.
+async fn store_snapshot(
+    disk: &Disk,
+    snapshots: &sled::Tree,
+    dir: &SnapshotDir,
+    part: &Path,
+    meta: &typ::SnapshotMeta,
+) -> Result<std::path::PathBuf, typ::StorageError> {
+    let index = meta.last_log_id.map_or(0, |id| id.index);
+    let file = dir.store(part, index).map_err(write_err)?;
+    let previous: Option<StoredSnapshot> = read_meta(snapshots, KEY_SNAPSHOT)?;
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        file: file.clone(),
+    };
+    let encoded = encode(&stored)?;
+    disk.note_write(encoded.len());
+    snapshots.insert(KEY_SNAPSHOT, encoded).map_err(write_err)?;
+    disk.flush().await.map_err(write_err)?;
+    if let Some(previous) = previous
+        && previous.file != file
+        && let Err(error) = std::fs::remove_file(dir.path_of(&previous.file))
+    {
+        tracing::warn!(%error, file = %previous.file, "cannot remove the replaced snapshot");
+    }
+    Ok(dir.path_of(&file))
+}
+
+/// Converts a snapshot stored whole in sled by an earlier version into a
+/// snapshot file, so that it can be installed again and sent.
+fn convert_inline_snapshot(
+    disk: &Disk,
+    snapshots: &sled::Tree,
+    dir: &SnapshotDir,
+) -> Result<(), typ::StorageError> {
+    let Some(inline) = read_meta::<InlineSnapshot>(snapshots, KEY_INLINE_SNAPSHOT)? else {
+        return Ok(());
+    };
+    let data: InlineSnapshotData = rmp_serde::from_slice(&inline.data).map_err(read_err)?;
+    let mut entries = data.entries;
+    entries.sort();
+    let part = dir.part_path("convert");
+    let write = || -> std::io::Result<()> {
+        let mut writer = snapshot_file::Writer::new(std::fs::File::create(&part)?)?;
+        for (key, value) in &entries {
+            writer.entry(key, value)?;
+        }
+        writer.finish()?.sync_all()
+    };
+    write().map_err(write_err)?;
+    let index = inline.meta.last_log_id.map_or(0, |id| id.index);
+    let file = dir.store(&part, index).map_err(write_err)?;
+    let stored = encode(&StoredSnapshot {
+        meta: inline.meta,
+        file,
+    })?;
+    snapshots.insert(KEY_SNAPSHOT, stored).map_err(write_err)?;
+    snapshots.remove(KEY_INLINE_SNAPSHOT).map_err(write_err)?;
+    disk.db().flush().map_err(write_err)?;
+    tracing::info!("converted the stored snapshot to a snapshot file");
+    Ok(())
+}
+
 impl StateMachineStore {
-    /// Opens the state machine in `disk`, loading the active guest (from the
-    /// compile cache when possible) and finishing an apply or a snapshot
-    /// install that a crash interrupted.
+    /// Opens the state machine in `disk`, with its snapshot files in
+    /// `snapshot_dir`, loading the active guest (from the compile cache when
+    /// possible) and finishing an apply or a snapshot install that a crash
+    /// interrupted.
     ///
     /// # Errors
-    /// A storage error when sled fails, the redo record is damaged or the
-    /// stored guest cannot be loaded.
-    pub fn open(disk: &Disk, runtime: GuestRuntime) -> Result<Self, typ::StorageError> {
+    /// A storage error when sled or the snapshot directory fails, the redo
+    /// record is damaged or the stored guest cannot be loaded.
+    pub fn open(
+        disk: &Disk,
+        snapshot_dir: &Path,
+        runtime: GuestRuntime,
+    ) -> Result<Self, typ::StorageError> {
         let tree = disk.db().open_tree("state").map_err(read_err)?;
         let snapshots = disk.db().open_tree("snapshot").map_err(read_err)?;
+        let snapshot_dir = SnapshotDir::open(snapshot_dir).map_err(read_err)?;
+        convert_inline_snapshot(disk, &snapshots, &snapshot_dir)?;
         let reader = StateReader {
             state: SledState(tree.clone()),
             active: Arc::default(),
@@ -502,6 +716,7 @@ impl StateMachineStore {
             disk: disk.clone(),
             tree,
             snapshots,
+            snapshot_dir,
             runtime: runtime.clone(),
             reader,
             instance: None,
@@ -516,16 +731,21 @@ impl StateMachineStore {
         let applied = redo::read_head(&sm.tree)
             .map_err(read_err)?
             .and_then(|head| head.applied);
-        match sm.stored_snapshot()? {
+        let stored = sm.stored_snapshot()?;
+        match &stored {
             Some(snapshot) if snapshot.meta.last_log_id > applied => {
                 tracing::info!(snapshot = ?snapshot.meta.last_log_id, ?applied, "finishing an interrupted snapshot install");
-                let data = rmp_serde::from_slice(&snapshot.data).map_err(read_err)?;
-                sm.replace_state(data)?;
+                let path = sm.snapshot_dir.path_of(&snapshot.file);
+                replace_state(&sm.tree, &sm.disk, &sm.reader.gate, &path)?;
             }
             _ => {
                 redo::recover(&sm.tree, &sm.disk).map_err(read_err)?;
             }
         }
+        // Parts of snapshots whose build or transfer a crash cut short.
+        sm.snapshot_dir
+            .remove_all_but(stored.as_ref().map(|s| s.file.as_str()))
+            .map_err(write_err)?;
         sm.load_meta()?;
         Ok(sm)
     }
@@ -619,100 +839,6 @@ impl StateMachineStore {
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, typ::StorageError> {
         read_meta(&self.snapshots, KEY_SNAPSHOT)
-    }
-
-    /// Replaces the whole state tree with a snapshot's entries.
-    ///
-    /// The redo head goes first and comes back last, so a crash part way
-    /// leaves a state that reports an older applied id than the stored
-    /// snapshot, and `open` installs it again.
-    fn replace_state(&mut self, data: SnapshotData) -> Result<(), typ::StorageError> {
-        let gate = self.reader.gate.clone();
-        gate.commit(|| {
-            self.tree.remove(redo::KEY_HEAD).map_err(write_err)?;
-            let mut head = None;
-            for key in self.tree.iter().keys() {
-                self.tree
-                    .remove(key.map_err(read_err)?)
-                    .map_err(write_err)?;
-            }
-            for (k, v) in data.entries {
-                if redo::is_head(&k) {
-                    head = Some(v);
-                    continue;
-                }
-                self.disk.note_write(v.len());
-                self.tree
-                    .insert(k.into_vec(), v.into_vec())
-                    .map_err(write_err)?;
-            }
-            if let Some(head) = head {
-                self.tree
-                    .insert(redo::KEY_HEAD, head.into_vec())
-                    .map_err(write_err)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Decodes a received snapshot and checks everything `open` and
-    /// [`Self::load_meta`] will read from it: the redo record (its head
-    /// names the snapshot's own last log id, its chunks are all there and
-    /// decode), the guest metadata, and that the active guest loads.
-    ///
-    /// # Errors
-    /// Why the snapshot cannot be installed.
-    fn check_snapshot(
-        &self,
-        meta: &typ::SnapshotMeta,
-        data: &[u8],
-    ) -> Result<SnapshotData, String> {
-        let decoded: SnapshotData =
-            rmp_serde::from_slice(data).map_err(|e| format!("it does not decode: {e}"))?;
-        let entries: HashMap<&[u8], &[u8]> = decoded
-            .entries
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        if entries.len() != decoded.entries.len() {
-            return Err("it holds a key twice".into());
-        }
-        let head: Option<RedoHead> = entries
-            .get(redo::KEY_HEAD)
-            .map(|bytes| rmp_serde::from_slice(bytes))
-            .transpose()
-            .map_err(|e| format!("its redo head does not decode: {e}"))?;
-        let applied = head.as_ref().and_then(|head| head.applied);
-        if applied != meta.last_log_id {
-            return Err(format!(
-                "its state is applied up to {applied:?}, but it claims {:?}",
-                meta.last_log_id
-            ));
-        }
-        if let Some(head) = &head {
-            let chunks = (0..head.chunks)
-                .map(|index| {
-                    entries
-                        .get(redo::chunk_key(head.seq, index).as_slice())
-                        .copied()
-                        .ok_or_else(|| format!("its redo record lacks chunk {index}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if head.chunks > 0 {
-                redo::decode_writes(&chunks.concat())
-                    .map_err(|e| format!("its redo record does not decode: {e}"))?;
-            }
-        }
-        decodes::<u64>(&entries, KEY_GUEST_SINCE, "guest index")?;
-        decodes::<String>(&entries, KEY_GUEST_HASH, "guest hash")?;
-        decodes::<Vec<SwapRecord>>(&entries, KEY_GUEST_HISTORY, "guest history")?;
-        decodes::<Vec<String>>(&entries, KEY_STAGED_ORDER, "staging order")?;
-        if let Some(module) = entries.get(KEY_GUEST_MODULE) {
-            self.runtime
-                .load(module)
-                .map_err(|e| format!("its active guest does not load: {e}"))?;
-        }
-        Ok(decoded)
     }
 
     /// Applies one normal entry's operations; guest writes stay in the
@@ -963,45 +1089,47 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Copied here, on the state machine task between applies, so the
-        // builder holds a consistent view without blocking later applies.
-        let entries = self
-            .tree
-            .iter()
-            .map(|item| {
-                item.map(|(k, v)| {
-                    (
-                        serde_bytes::ByteBuf::from(k.to_vec()),
-                        serde_bytes::ByteBuf::from(v.to_vec()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>();
+        // Written here, while the state machine task waits, so the file is a
+        // consistent view: no apply runs until it is done. The writing runs
+        // on a blocking thread, so heartbeats and queries go on meanwhile.
+        let tree = self.tree.clone();
+        let part = self.snapshot_dir.part_path("build");
+        let dumped = {
+            let part = part.clone();
+            blocking(move || dump_tree(&tree, &part).map_err(write_err)).await
+        };
         SnapshotBuilder {
             disk: self.disk.clone(),
             snapshots: self.snapshots.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
             applied: self.applied,
             membership: self.membership.clone(),
-            entries,
+            dumped: Some(dumped.map(|()| part)),
         }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, typ::StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, typ::StorageError> {
+        let part = self.snapshot_dir.part_path("receive");
+        let file = SnapshotFile::create_temporary(&part)
+            .await
+            .map_err(write_err)?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &typ::SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotFile>,
     ) -> Result<(), typ::StorageError> {
-        let data = snapshot.into_inner();
+        let part = snapshot.path().to_owned();
         // Checked before anything is stored: a stored snapshot is installed
         // again by every `open` until it succeeds, so a bad one would keep
         // the node from starting at all.
-        let decoded = self.check_snapshot(meta, &data).map_err(|reason| {
+        let checked = {
+            let (runtime, meta, part) = (self.runtime.clone(), meta.clone(), part.clone());
+            blocking(move || Ok(check_snapshot(&runtime, &meta, &part))).await?
+        };
+        checked.map_err(|reason| {
             tracing::error!(snapshot = ?meta.last_log_id, %reason, "refusing a received snapshot");
             read_err(format!(
                 "refusing snapshot {}: {reason}; nothing was stored",
@@ -1009,18 +1137,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             ))
         })?;
         // Stored first: if the node crashes while replacing the state, `open`
-        // finishes the install from here.
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: serde_bytes::ByteBuf::from(data),
-        };
-        let encoded = encode(&stored)?;
-        self.disk.note_write(encoded.len());
-        self.snapshots
-            .insert(KEY_SNAPSHOT, encoded)
-            .map_err(write_err)?;
-        self.disk.flush().await.map_err(write_err)?;
-        self.replace_state(decoded)?;
+        // finishes the install from the stored file.
+        let path =
+            store_snapshot(&self.disk, &self.snapshots, &self.snapshot_dir, &part, meta).await?;
+        snapshot.keep();
+        drop(snapshot);
+        let (tree, disk, gate) = (
+            self.tree.clone(),
+            self.disk.clone(),
+            self.reader.gate.clone(),
+        );
+        blocking(move || replace_state(&tree, &disk, &gate, &path)).await?;
         self.disk.flush().await.map_err(write_err)?;
         self.load_meta()?;
         self.applied = meta.last_log_id;
@@ -1029,54 +1156,73 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<typ::Snapshot>, typ::StorageError> {
-        Ok(self.stored_snapshot()?.map(|stored| Snapshot {
+        let Some(stored) = self.stored_snapshot()? else {
+            return Ok(None);
+        };
+        let path = self.snapshot_dir.path_of(&stored.file);
+        let file = SnapshotFile::open(&path).await.map_err(read_err)?;
+        Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data.into_vec())),
+            snapshot: Box::new(file),
         }))
     }
 }
 
-/// Builds a snapshot from the copy taken by `get_snapshot_builder`.
+/// Builds a snapshot from the file written by `get_snapshot_builder`.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
     disk: Disk,
     snapshots: sled::Tree,
+    snapshot_dir: SnapshotDir,
     applied: Option<typ::LogId>,
     membership: typ::StoredMembership,
-    entries: Result<Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>, sled::Error>,
+    /// The written file, until the build takes it.
+    dumped: Option<Result<std::path::PathBuf, typ::StorageError>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<typ::Snapshot, typ::StorageError> {
-        let entries = std::mem::replace(&mut self.entries, Ok(Vec::new())).map_err(read_err)?;
-        let data = encode(&SnapshotData { entries })?;
+        let part = self
+            .dumped
+            .take()
+            .unwrap_or_else(|| Err(write_err("this snapshot was built already")))?;
+        let len = std::fs::metadata(&part).map_err(read_err)?.len();
         let last = self.applied;
         let snapshot_id = match last {
-            Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, data.len()),
-            None => format!("empty-{}", data.len()),
+            Some(log_id) => format!("{}-{}-{len}", log_id.leader_id, log_id.index),
+            None => format!("empty-{len}"),
         };
         let meta = typ::SnapshotMeta {
             last_log_id: last,
             last_membership: self.membership.clone(),
             snapshot_id,
         };
-        // A build that raced with a newer installed snapshot must not replace it.
+        // A build that raced with a newer installed snapshot must not
+        // replace it; the newer one is the answer then.
         let current: Option<StoredSnapshot> = read_meta(&self.snapshots, KEY_SNAPSHOT)?;
-        if current.as_ref().is_none_or(|c| c.meta.last_log_id < last) {
-            let stored = StoredSnapshot {
-                meta: meta.clone(),
-                data: serde_bytes::ByteBuf::from(data.clone()),
-            };
-            let encoded = encode(&stored)?;
-            self.disk.note_write(encoded.len());
-            self.snapshots
-                .insert(KEY_SNAPSHOT, encoded)
-                .map_err(write_err)?;
-            self.disk.flush().await.map_err(write_err)?;
+        if let Some(current) = current
+            && current.meta.last_log_id >= last
+        {
+            let _ = std::fs::remove_file(&part);
+            let path = self.snapshot_dir.path_of(&current.file);
+            let file = SnapshotFile::open(&path).await.map_err(read_err)?;
+            return Ok(Snapshot {
+                meta: current.meta,
+                snapshot: Box::new(file),
+            });
         }
+        let path = store_snapshot(
+            &self.disk,
+            &self.snapshots,
+            &self.snapshot_dir,
+            &part,
+            &meta,
+        )
+        .await?;
+        let file = SnapshotFile::open(&path).await.map_err(read_err)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(file),
         })
     }
 }
@@ -1103,9 +1249,13 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> anyhow::Result<StateMachineStore> {
-        let disk = Disk::reopen(dir.path())?;
+        let disk = Disk::reopen(&dir.path().join("db"))?;
         let runtime = GuestRuntime::new(Limits::default(), None)?;
-        Ok(StateMachineStore::open(&disk, runtime)?)
+        Ok(StateMachineStore::open(
+            &disk,
+            &dir.path().join("snapshots"),
+            runtime,
+        )?)
     }
 
     /// A state machine in `dir` running the bundled guest, with `k=v` set
@@ -1133,11 +1283,47 @@ mod tests {
         Ok(sm)
     }
 
-    /// A snapshot of [`used_state`].
-    async fn snapshot_of_a_used_state() -> anyhow::Result<typ::Snapshot> {
+    /// A snapshot of [`used_state`]: its meta and the bytes of its file.
+    async fn snapshot_of_a_used_state() -> anyhow::Result<(typ::SnapshotMeta, Vec<u8>)> {
+        use tokio::io::AsyncReadExt as _;
         let dir = tempfile::tempdir()?;
         let mut sm = used_state(&dir).await?;
-        Ok(sm.get_snapshot_builder().await.build_snapshot().await?)
+        let mut snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
+        let mut bytes = Vec::new();
+        snapshot.snapshot.read_to_end(&mut bytes).await?;
+        Ok((snapshot.meta, bytes))
+    }
+
+    /// `bytes` as a snapshot file received by `sm`, ready to install.
+    async fn received(
+        sm: &mut StateMachineStore,
+        bytes: &[u8],
+    ) -> anyhow::Result<Box<SnapshotFile>> {
+        use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
+        let mut file = sm.begin_receiving_snapshot().await?;
+        file.write_all(bytes).await?;
+        file.sync().await?;
+        file.rewind().await?;
+        Ok(file)
+    }
+
+    /// The entries of a snapshot file's bytes.
+    fn entries_of(bytes: &[u8]) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut reader = snapshot_file::Reader::new(bytes)?;
+        let mut entries = Vec::new();
+        while let Some(entry) = reader.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// A snapshot file's bytes holding `entries`.
+    fn snapshot_bytes(entries: &[(Vec<u8>, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
+        let mut writer = snapshot_file::Writer::new(Vec::new())?;
+        for (key, value) in entries {
+            writer.entry(key, value)?;
+        }
+        Ok(writer.finish()?)
     }
 
     /// A query that needs more than the inline fuel runs again on the
@@ -1211,10 +1397,12 @@ mod tests {
         let dir = tempfile::tempdir()?;
         {
             let mut sm = open(&dir)?;
-            let junk = Box::new(Cursor::new(b"not a snapshot".to_vec()));
+            let junk = received(&mut sm, b"not a snapshot").await?;
+            let part = junk.path().to_owned();
             let refused = sm.install_snapshot(&meta(7), junk).await;
             assert!(refused.is_err(), "a junk snapshot was installed");
             assert!(sm.get_current_snapshot().await?.is_none());
+            assert!(!part.exists(), "the refused file was left behind");
         }
         let mut sm = open(&dir)?;
         assert_eq!(sm.applied_state().await?.0, None);
@@ -1225,26 +1413,31 @@ mod tests {
     /// claims another applied index than its metadata, is refused as well.
     #[tokio::test]
     async fn snapshot_with_a_damaged_head_is_refused() -> anyhow::Result<()> {
-        let good = snapshot_of_a_used_state().await?;
-        let data: SnapshotData = rmp_serde::from_slice(good.snapshot.get_ref())?;
-        let mut damaged = data.entries.clone();
+        let (good_meta, good) = snapshot_of_a_used_state().await?;
+        let mut damaged = entries_of(&good)?;
         for (key, value) in &mut damaged {
             if redo::is_head(key) {
-                *value = serde_bytes::ByteBuf::from(vec![0xc1]);
+                *value = vec![0xc1];
             }
         }
         let dir = tempfile::tempdir()?;
         let mut sm = open(&dir)?;
-        let bad = rmp_serde::to_vec(&SnapshotData { entries: damaged })?;
-        let refused = sm
-            .install_snapshot(&good.meta, Box::new(Cursor::new(bad)))
-            .await;
+        let bad = received(&mut sm, &snapshot_bytes(&damaged)?).await?;
+        let refused = sm.install_snapshot(&good_meta, bad).await;
         assert!(refused.is_err(), "a damaged head was installed");
 
-        let elsewhere = rmp_serde::to_vec(&data)?;
-        let refused = sm
-            .install_snapshot(&meta(99), Box::new(Cursor::new(elsewhere)))
-            .await;
+        let mut foreign = entries_of(&good)?;
+        foreign.push((vec![0x02, b'x'], Vec::new()));
+        let bad = received(&mut sm, &snapshot_bytes(&foreign)?).await?;
+        let refused = sm.install_snapshot(&good_meta, bad).await;
+        assert!(refused.is_err(), "a key outside the layout was installed");
+
+        let truncated = received(&mut sm, &good[..good.len() - 1]).await?;
+        let refused = sm.install_snapshot(&good_meta, truncated).await;
+        assert!(refused.is_err(), "a truncated snapshot was installed");
+
+        let elsewhere = received(&mut sm, &good).await?;
+        let refused = sm.install_snapshot(&meta(99), elsewhere).await;
         assert!(
             refused.is_err(),
             "a snapshot of index 3 was installed as 99"
@@ -1359,17 +1552,61 @@ mod tests {
     /// survives a reopen.
     #[tokio::test]
     async fn snapshot_built_by_a_node_installs() -> anyhow::Result<()> {
-        let snapshot = snapshot_of_a_used_state().await?;
+        let (meta, bytes) = snapshot_of_a_used_state().await?;
         let dir = tempfile::tempdir()?;
         {
             let mut sm = open(&dir)?;
-            sm.install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
-                .await?;
+            let file = received(&mut sm, &bytes).await?;
+            sm.install_snapshot(&meta, file).await?;
             assert_eq!(sm.applied_state().await?.0, Some(log_id(3)));
         }
         let mut sm = open(&dir)?;
         assert_eq!(sm.applied_state().await?.0, Some(log_id(3)));
         assert!(sm.reader().active().is_some(), "the guest came with it");
+        // The installed snapshot is the one a follower is sent next, byte
+        // for byte, and it is the only file left in the directory.
+        let mut current = sm
+            .get_current_snapshot()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no current snapshot after the install"))?;
+        let mut sent = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut current.snapshot, &mut sent).await?;
+        assert_eq!(sent, bytes);
+        assert_eq!(std::fs::read_dir(dir.path().join("snapshots"))?.count(), 1);
+        Ok(())
+    }
+
+    /// A snapshot stored whole in sled by an earlier version becomes a
+    /// snapshot file on open; an install it belonged to is finished from it.
+    #[tokio::test]
+    async fn inline_snapshot_of_an_earlier_version_is_converted() -> anyhow::Result<()> {
+        let (meta, bytes) = snapshot_of_a_used_state().await?;
+        let entries: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)> = entries_of(&bytes)?
+            .into_iter()
+            .map(|(k, v)| (serde_bytes::ByteBuf::from(k), serde_bytes::ByteBuf::from(v)))
+            .collect();
+        // The earlier encoding: `{ meta, data: { entries } }` as msgpack arrays.
+        let data = rmp_serde::to_vec(&(entries,))?;
+        let inline = rmp_serde::to_vec(&(&meta, serde_bytes::ByteBuf::from(data)))?;
+        let dir = tempfile::tempdir()?;
+        {
+            let disk = Disk::reopen(&dir.path().join("db"))?;
+            let snapshots = disk.db().open_tree("snapshot")?;
+            snapshots.insert(KEY_INLINE_SNAPSHOT, inline)?;
+            disk.db().flush()?;
+        }
+        let mut sm = open(&dir)?;
+        assert_eq!(sm.applied_state().await?.0, Some(log_id(3)));
+        assert!(sm.reader().active().is_some(), "the guest came with it");
+        let mut current = sm
+            .get_current_snapshot()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no current snapshot after the conversion"))?;
+        assert_eq!(current.meta, meta);
+        let mut converted = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut current.snapshot, &mut converted).await?;
+        assert_eq!(converted, bytes);
+        assert!(sm.snapshots.get(KEY_INLINE_SNAPSHOT)?.is_none());
         Ok(())
     }
 }
