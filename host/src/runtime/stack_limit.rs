@@ -148,15 +148,24 @@ impl<E: std::fmt::Display> From<wasm_encoder::reencode::Error<E>> for Instrument
 /// feature the count cannot follow. Both are properties of the bytes.
 pub fn instrument(wasm: &[u8], limit: u32) -> Result<Vec<u8>, InstrumentError> {
     if Parser::is_component(wasm) {
-        instrument_component(wasm, limit)
+        instrument_component(wasm, limit, 0)
     } else {
         instrument_module(wasm, limit)
     }
 }
 
+/// How deep components may nest. The walk recurses once per level, so a
+/// module made of nested components alone must not take the host's stack.
+pub const MAX_COMPONENT_NESTING: usize = 100;
+
 /// Copies a component section by section, instrumenting the core modules
-/// and nested components in it.
-fn instrument_component(wasm: &[u8], limit: u32) -> Result<Vec<u8>, InstrumentError> {
+/// and nested components in it. `depth` is how many components enclose it.
+fn instrument_component(wasm: &[u8], limit: u32, depth: usize) -> Result<Vec<u8>, InstrumentError> {
+    if depth >= MAX_COMPONENT_NESTING {
+        return Err(InstrumentError::Unsupported(
+            "components nested more than 100 deep",
+        ));
+    }
     let mut out = wasm_encoder::Component::new();
     let mut parser = Parser::new(0);
     let mut position = 0;
@@ -185,7 +194,8 @@ fn instrument_component(wasm: &[u8], limit: u32) -> Result<Vec<u8>, InstrumentEr
             Payload::ComponentSection {
                 unchecked_range, ..
             } => {
-                let component = instrument_component(nested(wasm, &unchecked_range)?, limit)?;
+                let component =
+                    instrument_component(nested(wasm, &unchecked_range)?, limit, depth + 1)?;
                 out.section(&wasm_encoder::RawSection {
                     id: wasm_encoder::ComponentSectionId::Component as u8,
                     data: &component,
@@ -845,6 +855,25 @@ mod tests {
             matches!(error, InstrumentError::Unsupported("exception handling")),
             "{error}"
         );
+    }
+
+    #[test]
+    fn deeply_nested_components_are_refused() {
+        let mut component = wasm_encoder::Component::new().finish();
+        for _ in 0..1000 {
+            let mut outer = wasm_encoder::Component::new();
+            outer.section(&wasm_encoder::RawSection {
+                id: wasm_encoder::ComponentSectionId::Component as u8,
+                data: &component,
+            });
+            component = outer.finish();
+        }
+        assert!(matches!(
+            instrument(&component, 1000),
+            Err(InstrumentError::Unsupported(
+                "components nested more than 100 deep"
+            ))
+        ));
     }
 
     #[test]
