@@ -181,7 +181,9 @@ impl GuestRuntime {
     /// one is given.
     ///
     /// # Errors
-    /// [`HostFault`] when the engine cannot be created on this machine.
+    /// [`HostFault`] when the engine cannot be created on this machine, or
+    /// when `limits.stack_bytes` is below the native backstop that
+    /// `limits.stack_units` needs ([`stack_limit::native_stack_bytes`]).
     pub fn new(limits: Limits, cache_dir: Option<std::path::PathBuf>) -> Result<Self, HostFault> {
         let native = stack_limit::native_stack_bytes(limits.stack_units);
         if limits.stack_units > i32::MAX as u32 || limits.stack_bytes < native {
