@@ -1,8 +1,9 @@
 //! The on-disk cache of compiled guests.
 //!
-//! An entry is keyed by the module's SHA-256 and the engine's fingerprint
-//! (wasmtime version, compiler flags, CPU features, fuel settings), so a
-//! cache written by another build or configuration is never used.
+//! An entry is keyed by the module's SHA-256 and a fingerprint of the engine
+//! (wasmtime version, compiler flags, CPU features, fuel settings) and of the
+//! stack limit compiled into the guest's code, so a cache written by another
+//! build or configuration is never used.
 //!
 //! An entry file is the SHA-256 of the compiled artifact followed by the
 //! artifact, written together (temporary file, then rename). The digest is
@@ -20,8 +21,9 @@ use wasmtime::component::Component;
 
 /// Bumped whenever the host changes how it compiles guests in a way the
 /// engine fingerprint cannot see, or the entry format. (2: entries start
-/// with their digest; entries of schema 1 have none and are never read.)
-const SCHEMA: u32 = 2;
+/// with their digest; entries of schema 1 have none and are never read.
+/// 3: guests carry the deterministic stack count.)
+const SCHEMA: u32 = 3;
 
 /// The length of the digest that starts every entry.
 const DIGEST_LEN: usize = 32;
@@ -34,11 +36,13 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
-    /// A cache in `dir` for code compiled by `engine`.
-    pub fn new(dir: impl Into<PathBuf>, engine: &Engine) -> Self {
+    /// A cache in `dir` for code compiled by `engine` with a stack limit
+    /// of `stack_units` (the limit is a constant in the compiled code).
+    pub fn new(dir: impl Into<PathBuf>, engine: &Engine, stack_units: u32) -> Self {
         use std::hash::{Hash as _, Hasher as _};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        stack_units.hash(&mut hasher);
         Self {
             dir: dir.into(),
             fingerprint: format!("{:016x}", hasher.finish()),
@@ -130,7 +134,7 @@ mod tests {
             .precompile_component(b"\0asm\x0d\0\x01\0")
             .expect("compiles");
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = CompileCache::new(dir.path(), &engine);
+        let cache = CompileCache::new(dir.path(), &engine, 1024);
         for round in 0..50 {
             let hash = format!("{round:064x}");
             let barrier = std::sync::Barrier::new(8);
@@ -165,7 +169,7 @@ mod tests {
             .precompile_component(b"\0asm\x0d\0\x01\0")
             .expect("compiles");
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = CompileCache::new(dir.path(), &engine);
+        let cache = CompileCache::new(dir.path(), &engine, 1024);
         let hash = format!("{:064x}", 1);
         let path = cache.path(&hash);
 

@@ -3,7 +3,8 @@
 //!
 //! - One [`GuestRuntime`] per process owns the wasmtime engine, configured the
 //!   same on every node: fuel, NaN canonicalisation, deterministic relaxed
-//!   SIMD, no threads, a memory and a stack limit.
+//!   SIMD, no threads, a memory limit, and a stack limit counted in the
+//!   guest's own code ([`stack_limit`]), with the native stack as a backstop.
 //! - [`GuestRuntime::load`] turns module bytes into a validated
 //!   [`GuestModule`] (compiled once, cached on disk).
 //! - A [`GuestInstance`] runs calls against a write overlay; the caller
@@ -11,6 +12,7 @@
 
 mod bindings;
 mod cache;
+pub mod stack_limit;
 mod state;
 
 use std::sync::Arc;
@@ -50,7 +52,14 @@ pub struct Limits {
     pub fuel_per_migration: u64,
     /// The most linear memory an instance may have, in bytes.
     pub memory_bytes: usize,
-    /// The most native stack a guest call may use, in bytes.
+    /// The deterministic stack limit: the most stack units (see
+    /// [`stack_limit`]) the wasm frames of one call may hold at once. A call
+    /// that needs more traps with `call stack exhausted` on every node.
+    /// At most `i32::MAX`.
+    pub stack_units: u32,
+    /// The most native stack a guest call may use, in bytes: a backstop
+    /// that a guest within `stack_units` never reaches. At least
+    /// [`stack_limit::native_stack_bytes`] of `stack_units`.
     pub stack_bytes: usize,
     /// The largest module accepted, in bytes.
     pub module_bytes: usize,
@@ -62,11 +71,17 @@ impl Default for Limits {
             fuel_per_call: 10_000_000,
             fuel_per_migration: 1_000_000_000,
             memory_bytes: 64 << 20,
-            stack_bytes: 512 << 10,
+            stack_units: DEFAULT_STACK_UNITS,
+            stack_bytes: stack_limit::native_stack_bytes(DEFAULT_STACK_UNITS),
             module_bytes: 8 << 20,
         }
     }
 }
+
+/// The default [`Limits::stack_units`]: thousands of frames of ordinary
+/// compiled code, within a native backstop that fits the 2 MiB stacks of the
+/// threads that run guests.
+const DEFAULT_STACK_UNITS: u32 = 32_768;
 
 /// Why a module cannot be loaded.
 ///
@@ -85,6 +100,9 @@ pub enum LoadError {
     /// Malformed WebAssembly, or a feature the engine refuses.
     #[error("the module is not valid WebAssembly: {0}")]
     Invalid(String),
+    /// Valid, but uses a feature the runtime cannot run deterministically.
+    #[error("{0}")]
+    Unsupported(String),
     /// Imports something outside the world.
     #[error(
         "the module imports `{0}`, which raftwasm does not provide; a guest may import only the {WIT_PACKAGE} interfaces (no WASI, no clocks, no randomness)"
@@ -163,8 +181,17 @@ impl GuestRuntime {
     /// one is given.
     ///
     /// # Errors
-    /// [`HostFault`] when the engine cannot be created on this machine.
+    /// [`HostFault`] when the engine cannot be created on this machine, or
+    /// when `limits.stack_bytes` is below the native backstop that
+    /// `limits.stack_units` needs ([`stack_limit::native_stack_bytes`]).
     pub fn new(limits: Limits, cache_dir: Option<std::path::PathBuf>) -> Result<Self, HostFault> {
+        let native = stack_limit::native_stack_bytes(limits.stack_units);
+        if limits.stack_units > i32::MAX as u32 || limits.stack_bytes < native {
+            return Err(HostFault(format!(
+                "a stack limit of {} units needs a native stack of at least {native} bytes, not {}",
+                limits.stack_units, limits.stack_bytes
+            )));
+        }
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(64)
             .total_core_instances(256)
@@ -187,7 +214,7 @@ impl GuestRuntime {
         let mut linker = Linker::new(&engine);
         bindings::add_to_linker(&mut linker)
             .map_err(|e| HostFault(format!("linking the guest imports: {e}")))?;
-        let cache = cache_dir.map(|dir| CompileCache::new(dir, &engine));
+        let cache = cache_dir.map(|dir| CompileCache::new(dir, &engine, limits.stack_units));
         Ok(Self {
             engine,
             linker: Arc::new(linker),
@@ -247,7 +274,9 @@ impl GuestRuntime {
         Ok(module)
     }
 
-    /// Compiles `wasm` to this engine's native code, serialized.
+    /// Compiles `wasm` to this engine's native code, serialized: a core
+    /// module is made a component first, then every core module in the
+    /// component gets the deterministic stack count.
     fn compile(&self, wasm: &[u8], is_core: bool) -> Result<Vec<u8>, LoadError> {
         let component_bytes;
         let bytes = if is_core {
@@ -256,8 +285,13 @@ impl GuestRuntime {
         } else {
             wasm
         };
+        let instrumented =
+            stack_limit::instrument(bytes, self.limits.stack_units).map_err(|e| match e {
+                stack_limit::InstrumentError::Invalid(reason) => LoadError::Invalid(reason),
+                unsupported => LoadError::Unsupported(unsupported.to_string()),
+            })?;
         self.engine
-            .precompile_component(bytes)
+            .precompile_component(&instrumented)
             .map_err(compile_error)
     }
 
@@ -585,6 +619,7 @@ impl GuestInstance {
         info: &mut Option<GuestInfo>,
     ) -> Result<Outcome, HostFault> {
         let limits = &self.module.runtime.limits;
+        let stack_units = limits.stack_units;
         let fuel = match call {
             Call::Migrate(..) => limits.fuel_per_migration,
             Call::Query(_, _, fuel) => fuel,
@@ -625,7 +660,7 @@ impl GuestInstance {
             Err(error) => {
                 let violation = state.violation.take();
                 self.drop_instance();
-                Err(describe_failure(error, violation, fuel)?)
+                Err(describe_failure(error, violation, fuel, stack_units)?)
             }
         };
         Ok(Outcome { result, fuel_used })
@@ -684,7 +719,12 @@ impl GuestInstance {
             // traps) is the module's; anything else, such as an exhausted
             // instance pool or a failed mmap, is this node's.
             if e.is::<Trap>() && !is_host_failure(&e) {
-                StartError::Guest(format!("instantiating it trapped: {}", e.root_cause()))
+                let reason = if hit_stack_limit(&e) {
+                    "call stack exhausted (the stack limit)".to_owned()
+                } else {
+                    e.root_cause().to_string()
+                };
+                StartError::Guest(format!("instantiating it trapped: {reason}"))
             } else {
                 StartError::Host(HostFault(format!("instantiating guest {hash}: {e:#}")))
             }
@@ -698,8 +738,8 @@ impl GuestInstance {
                 return Err(StartError::Host(HostFault(fault)));
             }
             let violation = store.data_mut().violation.take();
-            let reason =
-                describe_failure(e, violation, limits.fuel_per_call).map_err(StartError::Host)?;
+            let reason = describe_failure(e, violation, limits.fuel_per_call, limits.stack_units)
+                .map_err(StartError::Host)?;
             return Err(StartError::Guest(format!(
                 "initialising it failed: {reason}"
             )));
@@ -753,26 +793,35 @@ fn call_migrate(
 ///   answer — a property of the module and the command, so every replica
 ///   reaches it;
 /// - a failure of this machine: memory the host could not allocate, an
-///   instance pool with no free slot, an I/O error ([`is_host_failure`]).
+///   instance pool with no free slot, an I/O error, a native stack overflow
+///   ([`is_host_failure`]).
+///
+/// Reaching the deterministic stack limit is a trap in the function the
+/// instrumentation added ([`stack_limit::TRAP_FUNCTION_NAME`]), recognised
+/// by the youngest frame of the trap's backtrace.
 fn describe_failure(
     error: wasmtime::Error,
     violation: Option<String>,
     fuel: u64,
+    stack_units: u32,
 ) -> Result<String, HostFault> {
     if let Some(violation) = violation {
         return Ok(violation);
     }
+    if is_host_failure(&error) {
+        return Err(HostFault(format!("{error:#}")));
+    }
     if let Some(trap) = error.downcast_ref::<Trap>() {
         return Ok(match trap {
             Trap::OutOfFuel => format!("the guest ran out of fuel (budget {fuel})"),
+            Trap::UnreachableCodeReached if hit_stack_limit(&error) => format!(
+                "the guest trapped: call stack exhausted (its frames exceeded the stack limit of {stack_units} units)"
+            ),
             trap => format!(
                 "the guest trapped: {}",
                 trap.to_string().trim_start_matches("wasm trap: ")
             ),
         });
-    }
-    if is_host_failure(&error) {
-        return Err(HostFault(format!("{error:#}")));
     }
     // The root cause only: the context wasmtime adds (a wasm backtrace) is
     // noise to a client.
@@ -782,12 +831,28 @@ fn describe_failure(
     ))
 }
 
+/// Whether the trap `error` came from the deterministic stack limit.
+fn hit_stack_limit(error: &wasmtime::Error) -> bool {
+    error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|backtrace| backtrace.frames().first())
+        .and_then(|frame| frame.func_name())
+        == Some(stack_limit::TRAP_FUNCTION_NAME)
+}
+
 /// Whether `error` is a failure of this machine rather than of the guest:
 /// an allocation the host could not make, an instance pool with no free
-/// slot, or an I/O error. Such a failure must stop the node, never become a
-/// result or a refusal that other replicas would not reach.
+/// slot, an I/O error, or a native stack overflow. Such a failure must stop
+/// the node, never become a result or a refusal that other replicas would
+/// not reach.
+///
+/// The native stack is a backstop sized so that a guest within its
+/// deterministic stack limit never overflows it ([`stack_limit`]); an
+/// overflow means this node's generated code broke that bound, and another
+/// node's might not.
 fn is_host_failure(error: &wasmtime::Error) -> bool {
     error.is::<wasmtime::OutOfMemory>()
         || error.is::<wasmtime::PoolConcurrencyLimitError>()
         || error.is::<std::io::Error>()
+        || error.downcast_ref::<Trap>() == Some(&Trap::StackOverflow)
 }
