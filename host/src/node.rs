@@ -115,7 +115,7 @@ impl App {
 ///
 /// # Errors
 /// When the data directory, storage or listeners cannot be used, or a
-/// `--guest` file is unusable.
+/// `--guest` or `--tls-*` file is unusable.
 pub async fn run(
     config: NodeConfig,
     listeners: Listeners,
@@ -128,6 +128,9 @@ pub async fn run(
              (--insecure): anyone who reaches it can change this cluster's members, guest and state"
         );
     }
+    // TLS protects the token and the data in transit and lets peers verify
+    // each other; the token still decides who may change the cluster.
+    let tls = config.tls()?;
     std::fs::create_dir_all(&config.node)
         .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
     let disk = Disk::open(&config.node.join("db"))
@@ -172,7 +175,10 @@ pub async fn run(
     }
     .validate()
     .context("invalid Raft timing flags")?;
-    let network = NetworkFactory::new(id, config.token.clone());
+    let mut network = NetworkFactory::new(id, config.token.clone());
+    if let Some(tls) = &tls {
+        network = network.with_tls(tls.peer_client.clone());
+    }
     let raft = Raft::new(
         id,
         Arc::new(raft_config),
@@ -187,6 +193,7 @@ pub async fn run(
         listeners.raft,
         raft.clone(),
         config.token.clone(),
+        tls.as_ref().map(|tls| tls.peer_server.clone()),
         config.peer_limits(),
         cancel.clone().cancelled_owned(),
     ));
@@ -213,7 +220,7 @@ pub async fn run(
             .build()?,
         log: log_store,
     });
-    tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, dir = %config.node.display(), "node started");
+    tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
     tokio::spawn(watch_role(app.clone()));
 
     if raft.is_initialized().await? {

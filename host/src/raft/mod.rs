@@ -7,7 +7,8 @@
 //! - [`state_machine`]: `StateMachineStore`, applies entries through the guest;
 //!   [`redo`] makes each apply call atomic across a crash.
 //! - [`network`]: `NetworkFactory`, the peer client over long-lived TCP
-//!   connections; [`peer_server`] answers it on the `--raft` port.
+//!   connections; [`peer_server`] answers it on the `--raft` port; both
+//!   open connections through [`peer_stream`] (plain TCP or mutual TLS).
 
 use std::io::Cursor;
 
@@ -18,6 +19,7 @@ pub mod disk;
 pub mod log_store;
 pub mod network;
 pub mod peer_server;
+pub mod peer_stream;
 pub mod read_barrier;
 pub mod redo;
 pub mod state_machine;
