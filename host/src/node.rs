@@ -215,9 +215,7 @@ pub async fn run(
         state,
         runtime,
         metrics,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?,
+        http: http_client(tls.as_ref())?,
         log: log_store,
     });
     tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
@@ -247,6 +245,7 @@ pub async fn run(
         listeners.http,
         api::router(app.clone()),
         config.http_limits(),
+        tls.map(|tls| tls.http),
         shutdown,
     )
     .await;
@@ -254,6 +253,16 @@ pub async fn run(
     let _ = raft.shutdown().await;
     disk.flush().await?;
     Ok(())
+}
+
+/// The client for this node's calls to other members; with TLS it trusts
+/// `--tls-ca` only.
+fn http_client(tls: Option<&crate::tls::Tls>) -> anyhow::Result<reqwest::Client> {
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(tls) = tls {
+        client = client.use_preconfigured_tls(tls.http_client.clone());
+    }
+    Ok(client.build()?)
 }
 
 /// A random node id for a new data directory.
@@ -344,7 +353,7 @@ async fn join_cluster(app: Arc<App>, join: String) {
             tracing::info!("this node is a voter of the cluster");
             return;
         }
-        let url = format!("http://{}/join", target.trim_start_matches("http://"));
+        let url = format!("{}/join", app.config.base_url(&target));
         let body = api::cluster::JoinRequest {
             id: app.id,
             http: app.addrs.api_addr.clone(),
@@ -364,7 +373,10 @@ async fn join_cluster(app: Arc<App>, join: String) {
                     .headers()
                     .get(api::LEADER_HEADER)
                     .and_then(|v| v.to_str().ok())
-                    .map(|v| v.trim_start_matches("http://").to_owned());
+                    .map(|v| {
+                        let scheme = v.find("://").map_or(0, |i| i + 3);
+                        v[scheme..].to_owned()
+                    });
                 let status = response.status();
                 let text = response.text().await.unwrap_or_default();
                 match leader {
