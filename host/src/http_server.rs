@@ -156,13 +156,20 @@ async fn turn_away(stream: TcpStream, tls: Option<TlsAcceptor>, max: usize) {
     .await;
 }
 
+/// Writes `answer` once the client has started its request, then closes
+/// and drains. An HTTP client takes an answer that arrives before it sent
+/// its request for an error; over TLS, an answer written right after the
+/// handshake often does.
 async fn answer_and_close<S>(mut stream: S, answer: &str) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut sink = [0u8; 1024];
+    if stream.read(&mut sink).await? == 0 {
+        return Ok(());
+    }
     stream.write_all(answer.as_bytes()).await?;
     stream.shutdown().await?;
-    let mut sink = [0u8; 1024];
     while stream.read(&mut sink).await? > 0 {}
     Ok(())
 }
