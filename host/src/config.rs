@@ -228,6 +228,8 @@ impl NodeConfig {
     /// Checks the token and the listening addresses (`http`, `raft`, as
     /// bound) before the node serves anything: a token must not be empty, and
     /// a node without one listens on loopback only, unless `--insecure`.
+    /// TLS does not lift this rule: it keeps traffic private and lets peers
+    /// verify each other, while the token decides who may change the cluster.
     /// Returns the non-loopback addresses `--insecure` lets through, so the
     /// caller can warn about them.
     ///
