@@ -35,6 +35,9 @@ pub struct BenchConfig {
     /// The cluster token, for the swap.
     #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA bundle (PEM) of a TLS cluster: talk HTTPS, trusting only it.
+    #[arg(long, env = "RAFTWASM_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Runs every workload and prints one table row each.
@@ -42,10 +45,11 @@ pub struct BenchConfig {
 /// # Errors
 /// When the cluster cannot be reached or a workload name is unknown.
 pub async fn run(config: BenchConfig) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
+    let client = crate::tls::http_client_builder(config.tls_ca.as_deref())?
         .pool_max_idle_per_host(config.connections)
         .build()?;
-    let base = format!("http://{}", config.cluster.trim_start_matches("http://"));
+    let tls = config.tls_ca.is_some();
+    let base = crate::tls::base_url(&config.cluster, tls);
     let value = "v".repeat(100);
     println!(
         "{} connections, {} s per workload, 16-byte keys, 100-byte values, against {base}",
@@ -116,10 +120,9 @@ async fn swap(
         .await?;
     let members = status["members"].as_array().cloned().unwrap_or_default();
     for member in members {
-        let url = format!(
-            "http://{}/status",
-            member["http"].as_str().unwrap_or_default()
-        );
+        let tls = base.starts_with("https://");
+        let member = crate::tls::base_url(member["http"].as_str().unwrap_or_default(), tls);
+        let url = format!("{member}/status");
         loop {
             let status: serde_json::Value = client.get(&url).send().await?.json().await?;
             if status["guest"]["hash"] == record["hash"]

@@ -131,6 +131,18 @@ pub struct NodeConfig {
     /// Peer-port connections served at once; more are closed.
     #[arg(long, default_value_t = 64)]
     pub max_peer_connections: usize,
+    /// This node's certificate chain (PEM, its own certificate first). With
+    /// --tls-key and --tls-ca, turns on TLS for the HTTP API and the peer
+    /// port; every node of a cluster must then use TLS.
+    #[arg(long, env = "RAFTWASM_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "RAFTWASM_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that peers' certificates, both ways on the peer port,
+    /// and the HTTP API of other members are verified against.
+    #[arg(long, env = "RAFTWASM_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Why a node refuses to start with its configuration.
@@ -190,9 +202,39 @@ impl NodeConfig {
         }
     }
 
+    /// Whether this node serves (and calls other members) over TLS. Only
+    /// meaningful once [`NodeConfig::tls`] has accepted the flags.
+    pub fn tls_on(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
+    /// `addr` (another member's HTTP address) as a base URL with this
+    /// cluster's scheme.
+    pub fn base_url(&self, addr: &str) -> String {
+        crate::tls::base_url(addr, self.tls_on())
+    }
+
+    /// Reads the TLS files: `None` without TLS flags. The certificate and
+    /// key come together, and need the CA that peers are verified against.
+    ///
+    /// # Errors
+    /// [`TlsError`](crate::tls::TlsError) naming the flag to fix.
+    pub fn tls(&self) -> Result<Option<crate::tls::Tls>, crate::tls::TlsError> {
+        use crate::tls::{Tls, TlsError};
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Tls::from_files(cert, key, ca).map(Some),
+            (Some(_), None, _) | (None, Some(_), _) => Err(TlsError::CertWithoutKey),
+            (Some(_), Some(_), None) => Err(TlsError::MissingCa),
+            (None, None, Some(_)) => Err(TlsError::CaWithoutCert),
+        }
+    }
+
     /// Checks the token and the listening addresses (`http`, `raft`, as
     /// bound) before the node serves anything: a token must not be empty, and
     /// a node without one listens on loopback only, unless `--insecure`.
+    /// TLS does not lift this rule: it keeps traffic private and lets peers
+    /// verify each other, while the token decides who may change the cluster.
     /// Returns the non-loopback addresses `--insecure` lets through, so the
     /// caller can warn about them.
     ///
@@ -303,6 +345,46 @@ mod tests {
             token
                 .check_security(addr("0.0.0.0:1"), addr("0.0.0.0:2"))
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn tls_flags_come_together() {
+        use crate::tls::TlsError;
+        let tls = |flags: &[&str]| {
+            let args: Vec<&str> = std::iter::once("raftwasm")
+                .chain(flags.iter().copied())
+                .collect();
+            parse(&args).node.tls()
+        };
+        assert!(matches!(tls(&[]), Ok(None)));
+        let refused = tls(&["--tls-cert=c.pem"]);
+        assert!(
+            matches!(refused, Err(TlsError::CertWithoutKey)),
+            "{refused:?}"
+        );
+        let refused = tls(&["--tls-key=k.pem", "--tls-ca=ca.pem"]);
+        assert!(
+            matches!(refused, Err(TlsError::CertWithoutKey)),
+            "{refused:?}"
+        );
+        let refused = tls(&["--tls-cert=c.pem", "--tls-key=k.pem"]);
+        assert!(matches!(refused, Err(TlsError::MissingCa)), "{refused:?}");
+        let refused = tls(&["--tls-ca=ca.pem"]);
+        assert!(
+            matches!(refused, Err(TlsError::CaWithoutCert)),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn the_url_scheme_follows_tls() {
+        let plain = parse(&["raftwasm"]).node;
+        assert_eq!(plain.base_url("127.0.0.1:6001"), "http://127.0.0.1:6001");
+        let tls = parse(&["raftwasm", "--tls-cert=c", "--tls-key=k", "--tls-ca=ca"]).node;
+        assert_eq!(
+            tls.base_url("http://127.0.0.1:6001"),
+            "https://127.0.0.1:6001"
         );
     }
 }

@@ -22,22 +22,38 @@ pub enum GuestCommand {
         /// The cluster token, if the cluster has one.
         #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// CA bundle (PEM) of a TLS cluster: talk HTTPS, trusting only it.
+        #[arg(long, env = "RAFTWASM_TLS_CA", value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
     },
     /// Show the active guest and the history of swaps.
     Show {
         /// HTTP address of any cluster member.
         #[arg(long, default_value = "127.0.0.1:6000")]
         cluster: String,
+        /// CA bundle (PEM) of a TLS cluster: talk HTTPS, trusting only it.
+        #[arg(long, env = "RAFTWASM_TLS_CA", value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
     },
+}
+
+impl GuestCommand {
+    fn tls_ca(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Deploy { tls_ca, .. } | Self::Show { tls_ca, .. } => tls_ca.as_deref(),
+        }
+    }
 }
 
 /// Polls every member's `/status` until it runs the guest `hash`.
 async fn wait_for_every_node(
     client: &reqwest::Client,
+    tls: bool,
     cluster: &str,
     hash: &str,
     started: Instant,
 ) -> anyhow::Result<()> {
+    let base = |addr: &str| crate::tls::base_url(addr, tls);
     let status: serde_json::Value = client
         .get(format!("{}/status", base(cluster)))
         .send()
@@ -79,22 +95,22 @@ async fn wait_for_every_node(
     Ok(())
 }
 
-fn base(cluster: &str) -> String {
-    format!("http://{}", cluster.trim_start_matches("http://"))
-}
-
 /// Runs a guest subcommand, printing progress and the outcome.
 ///
 /// # Errors
 /// When the cluster cannot be reached or refuses the guest (with its reason).
 pub async fn run(command: GuestCommand) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let tls_ca = command.tls_ca();
+    let client = crate::tls::http_client_builder(tls_ca)?.build()?;
+    let tls = tls_ca.is_some();
+    let base = |addr: &str| crate::tls::base_url(addr, tls);
     match command {
         GuestCommand::Deploy {
             file,
             cluster,
             force,
             token,
+            ..
         } => {
             let module =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -126,9 +142,9 @@ pub async fn run(command: GuestCommand) -> anyhow::Result<()> {
                 record["index"],
                 started.elapsed().as_secs_f64() * 1e3
             );
-            wait_for_every_node(&client, &cluster, &hash, started).await?;
+            wait_for_every_node(&client, tls, &cluster, &hash, started).await?;
         }
-        GuestCommand::Show { cluster } => {
+        GuestCommand::Show { cluster, .. } => {
             let text = client
                 .get(format!("{}/guest", base(&cluster)))
                 .send()

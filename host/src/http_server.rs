@@ -1,7 +1,9 @@
 //! Serves the HTTP API on `--http`: one hyper HTTP/1 connection per socket,
 //! each bounded in time and in number, so that clients that stall or pile up
 //! cannot hold the node's resources forever. On shutdown, open connections
-//! finish the request they are serving and close.
+//! finish the request they are serving and close. With `--tls-*`, every
+//! connection (a turned-away one too) is TLS; the handshake is bounded by
+//! the header timeout.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,10 +12,11 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::stall_timeout::StallTimeout;
@@ -29,8 +32,8 @@ const TURN_AWAY_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// Time to send a request's headers, counted from the connection's start
-    /// or the end of the previous response: it also closes idle keep-alive
-    /// connections.
+    /// (after the TLS handshake, which has as long again) or the end of the
+    /// previous response: it also closes idle keep-alive connections.
     pub header_timeout: Duration,
     /// How long a request body, or the client reading the response, may make
     /// no progress.
@@ -40,11 +43,13 @@ pub struct ConnectionLimits {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits for
-/// the open connections to finish.
+/// the open connections to finish. With `tls`, only HTTPS is served: a
+/// client that does not complete the handshake gets nothing.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -59,11 +64,11 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let (router, closing) = (router.clone(), closing.clone());
-                        connections.spawn(serve_connection(stream, router, limits, closing, permit));
+                        let (router, closing, tls) = (router.clone(), closing.clone(), tls.clone());
+                        connections.spawn(serve_connection(stream, tls, router, limits, closing, permit));
                     }
                     Err(_) => {
-                        connections.spawn(turn_away(stream, limits.max_connections));
+                        connections.spawn(turn_away(stream, tls.clone(), limits.max_connections));
                     }
                 },
                 Err(e) => {
@@ -79,15 +84,39 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     router: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
 ) {
     // Reads are bounded by the header timeout and the body timeout below; a
     // read timeout on the socket would also cut off slow handlers, because
     // hyper keeps a read pending to notice a client going away.
-    let io = TokioIo::new(StallTimeout::new(stream, None, Some(limits.idle_timeout)));
+    let stream = StallTimeout::new(stream, None, Some(limits.idle_timeout));
+    let Some(tls) = tls else {
+        return serve_http(stream, router, limits, closing, slot).await;
+    };
+    // The connection holds its slot during the handshake, so stalled
+    // handshakes count against the cap and are dropped at the deadline.
+    match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+        Ok(Ok(stream)) => serve_http(stream, router, limits, closing, slot).await,
+        Ok(Err(error)) => tracing::debug!(%error, "http: tls handshake failed"),
+        Err(_) => tracing::debug!("http: no tls handshake within the header timeout"),
+    }
+}
+
+/// Serves HTTP/1 on one (plain or TLS) connection until it closes.
+async fn serve_http<S>(
+    stream: S,
+    router: Router,
+    limits: ConnectionLimits,
+    closing: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
     let service = tower_http::timeout::RequestBodyTimeout::new(router, limits.idle_timeout);
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -108,7 +137,8 @@ async fn serve_connection(
 
 /// Answers 503 on a connection over the cap and closes it, after draining
 /// what the client sent so that the close does not reset the answer away.
-async fn turn_away(mut stream: TcpStream, max: usize) {
+/// With `tls`, the handshake comes first, within the same short time.
+async fn turn_away(stream: TcpStream, tls: Option<TlsAcceptor>, max: usize) {
     let body = format!(
         "this node is serving its maximum of {max} connections (--max-connections); retry shortly\n"
     );
@@ -118,11 +148,28 @@ async fn turn_away(mut stream: TcpStream, max: usize) {
         body.len()
     );
     let _ = tokio::time::timeout(TURN_AWAY_TIMEOUT, async {
-        stream.write_all(answer.as_bytes()).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 1024];
-        while stream.read(&mut sink).await? > 0 {}
-        std::io::Result::Ok(())
+        match tls {
+            None => answer_and_close(stream, &answer).await,
+            Some(tls) => answer_and_close(tls.accept(stream).await?, &answer).await,
+        }
     })
     .await;
+}
+
+/// Writes `answer` once the client has started its request, then closes
+/// and drains. An HTTP client takes an answer that arrives before it sent
+/// its request for an error; over TLS, an answer written right after the
+/// handshake often does.
+async fn answer_and_close<S>(mut stream: S, answer: &str) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut sink = [0u8; 1024];
+    if stream.read(&mut sink).await? == 0 {
+        return Ok(());
+    }
+    stream.write_all(answer.as_bytes()).await?;
+    stream.shutdown().await?;
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }

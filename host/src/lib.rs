@@ -6,6 +6,7 @@
 //! - [`raft`]: openraft types, sled storage, the peer transport.
 //! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
+//! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
@@ -20,6 +21,7 @@ pub mod node;
 pub mod raft;
 pub mod runtime;
 pub mod stall_timeout;
+pub mod tls;
 
 /// The configuration of the property tests: `cases` per property, unless
 /// `PROPTEST_CASES` asks for another number (e.g. for a longer local run).

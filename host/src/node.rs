@@ -115,7 +115,7 @@ impl App {
 ///
 /// # Errors
 /// When the data directory, storage or listeners cannot be used, or a
-/// `--guest` file is unusable.
+/// `--guest` or `--tls-*` file is unusable.
 pub async fn run(
     config: NodeConfig,
     listeners: Listeners,
@@ -128,6 +128,9 @@ pub async fn run(
              (--insecure): anyone who reaches it can change this cluster's members, guest and state"
         );
     }
+    // TLS protects the token and the data in transit and lets peers verify
+    // each other; the token still decides who may change the cluster.
+    let tls = config.tls()?;
     std::fs::create_dir_all(&config.node)
         .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
     let disk = Disk::open(&config.node.join("db"))
@@ -173,8 +176,11 @@ pub async fn run(
     }
     .validate()
     .context("invalid Raft timing flags")?;
-    let network = NetworkFactory::new(id, config.token.clone())
+    let mut network = NetworkFactory::new(id, config.token.clone())
         .with_snapshot_chunk_bytes(config.snapshot_chunk_bytes);
+    if let Some(tls) = &tls {
+        network = network.with_tls(tls.peer_client.clone());
+    }
     let raft = Raft::new(
         id,
         Arc::new(raft_config),
@@ -189,6 +195,7 @@ pub async fn run(
         listeners.raft,
         raft.clone(),
         config.token.clone(),
+        tls.as_ref().map(|tls| tls.peer_server.clone()),
         config.peer_limits(),
         cancel.clone().cancelled_owned(),
     ));
@@ -210,12 +217,10 @@ pub async fn run(
         state,
         runtime,
         metrics,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?,
+        http: http_client(tls.as_ref())?,
         log: log_store,
     });
-    tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, dir = %config.node.display(), "node started");
+    tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
     tokio::spawn(watch_role(app.clone()));
 
     if raft.is_initialized().await? {
@@ -242,6 +247,7 @@ pub async fn run(
         listeners.http,
         api::router(app.clone()),
         config.http_limits(),
+        tls.map(|tls| tls.http),
         shutdown,
     )
     .await;
@@ -249,6 +255,16 @@ pub async fn run(
     let _ = raft.shutdown().await;
     disk.flush().await?;
     Ok(())
+}
+
+/// The client for this node's calls to other members; with TLS it trusts
+/// `--tls-ca` only.
+fn http_client(tls: Option<&crate::tls::Tls>) -> anyhow::Result<reqwest::Client> {
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(tls) = tls {
+        client = client.use_preconfigured_tls(tls.http_client.clone());
+    }
+    Ok(client.build()?)
 }
 
 /// A random node id for a new data directory.
@@ -339,7 +355,7 @@ async fn join_cluster(app: Arc<App>, join: String) {
             tracing::info!("this node is a voter of the cluster");
             return;
         }
-        let url = format!("http://{}/join", target.trim_start_matches("http://"));
+        let url = format!("{}/join", app.config.base_url(&target));
         let body = api::cluster::JoinRequest {
             id: app.id,
             http: app.addrs.api_addr.clone(),
@@ -359,7 +375,10 @@ async fn join_cluster(app: Arc<App>, join: String) {
                     .headers()
                     .get(api::LEADER_HEADER)
                     .and_then(|v| v.to_str().ok())
-                    .map(|v| v.trim_start_matches("http://").to_owned());
+                    .map(|v| {
+                        let scheme = v.find("://").map_or(0, |i| i + 3);
+                        v[scheme..].to_owned()
+                    });
                 let status = response.status();
                 let text = response.text().await.unwrap_or_default();
                 match leader {

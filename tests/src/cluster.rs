@@ -1,5 +1,7 @@
 //! `TestCluster`: real `raftwasm` processes on 127.0.0.1 ports chosen at run
-//! time, each with its own data directory and log file, driven over HTTP.
+//! time, each with its own data directory and log file, driven over HTTP
+//! (or HTTPS, with certificates made for the test, after
+//! [`TestCluster::with_tls`]).
 //!
 //! Child processes are killed on drop. A failed test keeps the temp dir and
 //! prints where it is and the tail of every node's log.
@@ -9,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+use crate::certs::TestCa;
 
 /// How long cluster operations may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -77,6 +81,7 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     dir: Option<tempfile::TempDir>,
     client: reqwest::Client,
+    tls: Option<TestCa>,
 }
 
 impl TestCluster {
@@ -90,18 +95,59 @@ impl TestCluster {
                     .tempdir()
                     .expect("temp dir"),
             ),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("http client"),
+            client: Self::client_builder().build().expect("http client"),
+            tls: None,
         }
+    }
+
+    fn client_builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder().timeout(Duration::from_secs(10))
+    }
+
+    /// Turns on TLS for the nodes added from now on: a CA is made for this
+    /// cluster, and each node gets a certificate it signs (for 127.0.0.1)
+    /// and the `--tls-cert`, `--tls-key` and `--tls-ca` flags. The cluster's
+    /// client then speaks HTTPS and trusts that CA only.
+    ///
+    /// # Errors
+    /// When the CA cannot be made.
+    pub fn with_tls(mut self) -> anyhow::Result<Self> {
+        let ca = TestCa::new(self.root(), "cluster-ca")?;
+        self.client = Self::client_builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes())?)
+            .build()?;
+        self.tls = Some(ca);
+        Ok(self)
+    }
+
+    /// The CA of a cluster [`with_tls`](TestCluster::with_tls).
+    pub fn ca(&self) -> Option<&TestCa> {
+        self.tls.as_ref()
+    }
+
+    /// The cluster's HTTP client (it trusts the cluster's CA, with TLS).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The URL of `path` on node `i`, with the cluster's scheme.
+    pub fn url(&self, i: usize, path: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.nodes[i].http)
     }
 
     /// Starts a cluster of `n` nodes: the first bootstraps, the others join
     /// it, and this returns once all are voters and the guest is active.
     /// `args` are extra flags for every node.
     pub async fn start(n: usize, args: &[&str]) -> anyhow::Result<Self> {
-        let mut cluster = Self::new();
+        Self::new().start_nodes(n, args).await
+    }
+
+    /// [`TestCluster::start`] on this (empty) cluster, for one set up first,
+    /// e.g. [`with_tls`](TestCluster::with_tls).
+    pub async fn start_nodes(self, n: usize, args: &[&str]) -> anyhow::Result<Self> {
+        let mut cluster = self;
         cluster.add_node(args);
         cluster.spawn(0, &["--bootstrap=true"])?;
         cluster.wait_for_guest(0).await?;
@@ -118,16 +164,31 @@ impl TestCluster {
         self.dir.as_ref().expect("temp dir").path()
     }
 
-    /// Adds a node (not started) with fresh ports and data dir.
+    /// Adds a node (not started) with fresh ports and data dir, and with TLS
+    /// its certificate.
+    ///
+    /// # Panics
+    /// When the node's certificate cannot be made.
     pub fn add_node(&mut self, args: &[&str]) -> usize {
         let i = self.nodes.len();
+        let mut extra_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(ca) = &self.tls {
+            let cert = ca
+                .node_cert(self.root(), &format!("node{i}"))
+                .expect("a node certificate");
+            extra_args.extend([
+                format!("--tls-cert={}", cert.cert.display()),
+                format!("--tls-key={}", cert.key.display()),
+                format!("--tls-ca={}", ca.file.display()),
+            ]);
+        }
         let node = TestNode {
             http: format!("127.0.0.1:{}", free_port()),
             raft: format!("127.0.0.1:{}", free_port()),
             dir: self.root().join(format!("node{i}")),
             log: self.root().join(format!("node{i}.log")),
             child: None,
-            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
         };
         self.nodes.push(node);
         i
@@ -160,6 +221,9 @@ impl TestCluster {
             .env("RUST_LOG", "info,raftwasm=debug,openraft=warn")
             .env("NO_COLOR", "1")
             .env_remove("RAFTWASM_TOKEN")
+            .env_remove("RAFTWASM_TLS_CERT")
+            .env_remove("RAFTWASM_TLS_KEY")
+            .env_remove("RAFTWASM_TLS_CA")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -214,14 +278,14 @@ impl TestCluster {
         Ok(exited)
     }
 
-    /// `GET http://<node i><path>`: status and body.
+    /// `GET http(s)://<node i><path>`: status and body.
     pub async fn get(&self, i: usize, path: &str) -> anyhow::Result<(u16, String)> {
-        let url = format!("http://{}{path}", self.nodes[i].http);
+        let url = self.url(i, path);
         let response = self.client.get(&url).send().await?;
         Ok((response.status().as_u16(), response.text().await?))
     }
 
-    /// `POST http://<node i><path>` with `body`, on a connection of its own.
+    /// `POST http(s)://<node i><path>` with `body`, on a connection of its own.
     ///
     /// A node refuses an oversized body as soon as it sees its length and
     /// closes the connection without reading the rest; a pooled connection
@@ -233,7 +297,7 @@ impl TestCluster {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<reqwest::Response> {
-        let url = format!("http://{}{path}", self.nodes[i].http);
+        let url = self.url(i, path);
         let request = self
             .client
             .post(&url)

@@ -1,6 +1,8 @@
 //! Shared helpers for raftwasm's tests: the test guests, a single-replica
-//! runtime harness and, for the cluster tests, the `TestCluster` harness.
+//! runtime harness and, for the cluster tests, the `TestCluster` harness
+//! (with test certificates from [`certs`] when it runs TLS).
 
+pub mod certs;
 pub mod cluster;
 
 use std::sync::Arc;

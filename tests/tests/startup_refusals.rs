@@ -1,7 +1,9 @@
 //! A node refuses to start with a configuration that would let anyone in:
 //! an empty token, or a non-loopback address without a token unless the
-//! operator passes `--insecure` (which is logged loudly).
+//! operator passes `--insecure` (which is logged loudly); and TLS flags that
+//! are incomplete or name unusable files.
 
+use raftwasm_tests::certs::TestCa;
 use raftwasm_tests::cluster::TestCluster;
 
 /// Starts node 0 of `cluster` with `args` and `env`, and checks that it
@@ -77,5 +79,56 @@ async fn a_non_loopback_address_needs_a_token_or_insecure() -> anyhow::Result<()
     cluster.spawn_with_env(0, &[], &[("RAFTWASM_TOKEN", "s3cret")])?;
     cluster.wait_for_guest(0).await?;
     assert!(!cluster.nodes[0].log_text()[before..].contains("INSECURE"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn incomplete_or_unusable_tls_flags_are_refused_at_startup() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::new();
+    cluster.add_node(&[]);
+    let dir = tempfile::tempdir()?;
+    let ca = TestCa::new(dir.path(), "ca")?;
+    let node = ca.node_cert(dir.path(), "node")?;
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM at all\n")?;
+    let missing = dir.path().join("missing.pem");
+    let flag = |name: &str, path: &std::path::Path| format!("--tls-{name}={}", path.display());
+    let (cert, key, ca) = (
+        flag("cert", &node.cert),
+        flag("key", &node.key),
+        flag("ca", &ca.file),
+    );
+
+    let cases = [
+        (
+            vec![cert.clone()],
+            "--tls-cert and --tls-key go together".to_owned(),
+        ),
+        (vec![cert.clone(), key.clone()], "need --tls-ca".to_owned()),
+        (
+            vec![flag("cert", &missing), key.clone(), ca.clone()],
+            format!("cannot read --tls-cert {}", missing.display()),
+        ),
+        (
+            vec![cert.clone(), flag("key", &garbage), ca.clone()],
+            format!(
+                "--tls-key {} holds no usable PEM private key",
+                garbage.display()
+            ),
+        ),
+        (
+            vec![cert.clone(), key.clone(), flag("ca", &garbage)],
+            format!(
+                "--tls-ca {} holds no usable PEM certificate",
+                garbage.display()
+            ),
+        ),
+    ];
+    for (flags, expected) in cases {
+        let mut args = vec!["--bootstrap"];
+        args.extend(flags.iter().map(String::as_str));
+        refuses_to_start(&mut cluster, &args, &[], &expected).await?;
+    }
+    assert!(!cluster.nodes[0].log_text().contains("panicked"));
     Ok(())
 }

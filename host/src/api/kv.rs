@@ -166,7 +166,7 @@ async fn follower_catch_up(app: &App) -> Result<(), ApiError> {
     let (_, leader) = app.leader();
     let leader = leader
         .ok_or_else(|| ApiError::Unavailable("no leader is known yet; retry shortly".into()))?;
-    let url = format!("http://{leader}/read_index");
+    let url = format!("{}/read_index", app.config.base_url(&leader));
     let response = app.http.get(&url).send().await.map_err(|e| {
         ApiError::Unavailable(format!(
             "cannot reach the leader at {leader}: {e}; retry shortly"

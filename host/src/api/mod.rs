@@ -107,7 +107,8 @@ pub enum ApiError {
 /// The body a follower answers writes with, as in the walkthrough.
 pub const WRITE_REFUSED: &str = "write method not allowed";
 
-/// Marks a not-leader response so [`negotiate`] can answer in JSON.
+/// Marks a not-leader response so [`negotiate`] can add the leader's URL
+/// and answer in JSON.
 #[derive(Debug, Clone)]
 struct NotLeaderInfo {
     message: &'static str,
@@ -142,13 +143,8 @@ impl IntoResponse for ApiError {
                 )
             }
             ApiError::NotLeader { message, leader } => {
+                // [`negotiate`] adds the leader's URL, with the cluster's scheme.
                 let mut response = (StatusCode::MISDIRECTED_REQUEST, message).into_response();
-                if let Some(value) = leader
-                    .as_deref()
-                    .and_then(|l| HeaderValue::from_str(&format!("http://{l}")).ok())
-                {
-                    response.headers_mut().insert(LEADER_HEADER, value);
-                }
                 response
                     .extensions_mut()
                     .insert(NotLeaderInfo { message, leader });
@@ -219,7 +215,7 @@ async fn edge(
     {
         return error.into_response();
     }
-    negotiate(request, next).await
+    negotiate(&app, request, next).await
 }
 
 /// Checks the token of the operator routes that read a body (`POST /guest`,
@@ -293,7 +289,7 @@ impl Relay {
             return error.into_response();
         }
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
-        let url = format!("http://{leader}{path}");
+        let url = format!("{}{path}", app.config.base_url(leader));
         let mut request = app.http.request(self.method, &url).body(self.body);
         if let Some(auth) = self.authorization {
             request = request.header(header::AUTHORIZATION, auth);
@@ -318,32 +314,42 @@ impl Relay {
     }
 }
 
-/// Answers not-leader errors in JSON for clients that ask for it with
+/// Adds the leader's URL to not-leader errors (in [`LEADER_HEADER`]), and
+/// answers them in JSON for clients that ask for it with
 /// `Accept: application/json`.
-async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn negotiate(
+    app: &App,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let wants_json = request
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/json"));
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    let Some(info) = response.extensions().get::<NotLeaderInfo>().cloned() else {
+        return response;
+    };
+    let leader = info.leader.map(|l| app.config.base_url(&l));
+    if let Some(value) = leader
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
+        response.headers_mut().insert(LEADER_HEADER, value);
+    }
     if !wants_json {
         return response;
     }
-    match response.extensions().get::<NotLeaderInfo>().cloned() {
-        Some(info) => {
-            let body = serde_json::json!({
-                "error": info.message,
-                "leader": info.leader.map(|l| format!("http://{l}")),
-            });
-            let (mut parts, _) = response.into_parts();
-            parts.headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            parts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(parts, axum::body::Body::from(body.to_string()))
-        }
-        None => response,
-    }
+    let body = serde_json::json!({
+        "error": info.message,
+        "leader": leader,
+    });
+    let (mut parts, _) = response.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }

@@ -41,7 +41,7 @@ fn changes_state(method: &Method, path: &str) -> bool {
 /// `--allow-origin` (compared without case and a trailing slash).
 fn allowed(app: &App, origin: &str) -> bool {
     let origin = origin.trim_end_matches('/');
-    let own = format!("http://{}", app.addrs.api_addr);
+    let own = app.config.base_url(&app.addrs.api_addr);
     std::iter::once(own.as_str())
         .chain(app.config.allow_origin.iter().map(String::as_str))
         .any(|allowed| allowed.trim_end_matches('/').eq_ignore_ascii_case(origin))

@@ -8,7 +8,8 @@
 //!   [`redo`] makes each apply call atomic across a crash;
 //!   [`snapshot_file`] is the streamed snapshot format and its files.
 //! - [`network`]: `NetworkFactory`, the peer client over long-lived TCP
-//!   connections; [`peer_server`] answers it on the `--raft` port.
+//!   connections; [`peer_server`] answers it on the `--raft` port; both
+//!   open connections through [`peer_stream`] (plain TCP or mutual TLS).
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,7 @@ pub mod disk;
 pub mod log_store;
 pub mod network;
 pub mod peer_server;
+pub mod peer_stream;
 pub mod read_barrier;
 pub mod redo;
 pub mod snapshot_file;

@@ -1,6 +1,7 @@
 //! The peer transport's client side and its wire format: `NetworkFactory`
 //! hands openraft a `PeerClient` per target, which sends Raft RPCs over
-//! pooled, long-lived TCP connections as length-prefixed rmp-serde frames.
+//! pooled, long-lived TCP connections (mutual TLS with `--tls-*`, see
+//! [`PeerStream`]) as length-prefixed rmp-serde frames.
 //!
 //! The server side is [`super::peer_server`]; both use the frame helpers and
 //! message types defined here.
@@ -28,8 +29,9 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
+use super::peer_stream::PeerStream;
 use super::{NodeId, NodeInfo, TypeConfig, typ};
 
 /// Version of the peer protocol, sent in [`Hello`]. A node refuses a peer
@@ -276,7 +278,8 @@ where
 /// Why an RPC to a peer failed on this side of the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    /// No TCP connection could be made; openraft backs off before retrying.
+    /// No TCP connection could be made, or the TLS handshake failed;
+    /// openraft backs off before retrying.
     #[error("cannot connect to peer {addr}: {source}")]
     Connect {
         /// The peer's raft address.
@@ -340,7 +343,7 @@ impl From<PeerError> for CallError {
 }
 
 /// Idle connections to one peer address.
-type Pool = Arc<Mutex<Vec<TcpStream>>>;
+type Pool = Arc<Mutex<Vec<PeerStream>>>;
 
 /// Builds a [`PeerClient`] per target for openraft. Clones share the
 /// connection pools, so a connection opened by one client is reused by the
@@ -349,6 +352,7 @@ type Pool = Arc<Mutex<Vec<TcpStream>>>;
 pub struct NetworkFactory {
     id: NodeId,
     token: Option<Arc<str>>,
+    tls: Option<TlsConnector>,
     pools: Arc<Mutex<HashMap<String, Pool>>>,
     snapshot_chunk_bytes: usize,
 }
@@ -358,6 +362,7 @@ impl fmt::Debug for NetworkFactory {
         f.debug_struct("NetworkFactory")
             .field("id", &self.id)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -370,6 +375,7 @@ impl NetworkFactory {
         Self {
             id,
             token: token.map(Arc::from),
+            tls: None,
             pools: Arc::default(),
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES,
         }
@@ -379,6 +385,14 @@ impl NetworkFactory {
     #[must_use]
     pub fn with_snapshot_chunk_bytes(mut self, bytes: usize) -> Self {
         self.snapshot_chunk_bytes = bytes.max(1);
+        self
+    }
+
+    /// Dials peers over TLS with `connector`: a peer's certificate must
+    /// verify against the CA and name the host of its raft address, and the
+    /// connector presents this node's certificate.
+    pub fn with_tls(mut self, connector: TlsConnector) -> Self {
+        self.tls = Some(connector);
         self
     }
 }
@@ -401,6 +415,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             node: node.clone(),
             token: self.token.clone(),
+            tls: self.tls.clone(),
             pool,
             snapshot_chunk_bytes: self.snapshot_chunk_bytes,
         }
@@ -416,6 +431,7 @@ pub struct PeerClient {
     target: NodeId,
     node: NodeInfo,
     token: Option<Arc<str>>,
+    tls: Option<TlsConnector>,
     pool: Pool,
     snapshot_chunk_bytes: usize,
 }
@@ -462,9 +478,12 @@ impl PeerClient {
             addr: self.addr().to_owned(),
             source,
         };
-        conn.write_all(frame)
-            .await
-            .map_err(|e| frame_err(e.into()))?;
+        // The flush pushes out what TLS still buffers.
+        let written = async {
+            conn.write_all(frame).await?;
+            conn.flush().await
+        };
+        written.await.map_err(|e| frame_err(e.into()))?;
         let response = read_frame(&mut conn, MAX_FRAME_LEN)
             .await
             .map_err(frame_err)?;
@@ -473,22 +492,15 @@ impl PeerClient {
     }
 
     /// Takes an idle connection that the peer has not closed meanwhile.
-    fn take_idle(&self) -> Option<TcpStream> {
+    fn take_idle(&self) -> Option<PeerStream> {
         let mut idle = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(conn) = idle.pop() {
-            // Between RPCs the peer never sends anything: readable means
-            // it closed the connection (e.g. it restarted) or broke the
-            // protocol. Either way the connection is dropped.
-            let mut probe = [0u8; 1];
-            match conn.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
-                _ => continue,
-            }
-        }
-        None
+        // Between RPCs the peer never sends anything: a connection that is
+        // not quiet was closed by the peer (e.g. it restarted) or broke the
+        // protocol. Either way it is dropped.
+        std::iter::from_fn(|| idle.pop()).find(PeerStream::is_quiet)
     }
 
-    fn put_idle(&self, conn: TcpStream) {
+    fn put_idle(&self, conn: PeerStream) {
         let mut idle = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE_PER_PEER {
             idle.push(conn);
@@ -496,14 +508,15 @@ impl PeerClient {
     }
 
     /// Opens a connection and performs the [`Hello`] handshake.
-    async fn dial(&self) -> Result<TcpStream, PeerError> {
+    async fn dial(&self) -> Result<PeerStream, PeerError> {
         let addr = self.addr();
         let connect_err = |source| PeerError::Connect {
             addr: addr.to_owned(),
             source,
         };
-        let mut conn = TcpStream::connect(addr).await.map_err(connect_err)?;
-        conn.set_nodelay(true).map_err(connect_err)?;
+        let mut conn = PeerStream::connect(addr, self.tls.as_ref())
+            .await
+            .map_err(connect_err)?;
         let hello = Hello {
             version: PROTOCOL_VERSION,
             token: self.token.as_deref().map(str::to_owned),
@@ -933,6 +946,7 @@ mod tests {
         tokio::spawn(crate::raft::peer_server::serve_with(
             listener,
             token,
+            None,
             crate::raft::peer_server::PeerLimits::default(),
             async move {
                 let _ = stopped.await;
@@ -1101,6 +1115,7 @@ mod tests {
         let listener = restarted.ok_or_else(|| anyhow::anyhow!("cannot rebind {addr}"))?;
         tokio::spawn(crate::raft::peer_server::serve_with(
             listener,
+            None,
             None,
             crate::raft::peer_server::PeerLimits::default(),
             std::future::pending(),

@@ -1,5 +1,7 @@
 //! The peer port (`--raft`): accepts connections from other nodes' `PeerClient`s,
 //! checks their [`Hello`], and answers their Raft RPCs through the local [`Raft`].
+//! With `--tls-*`, a connection first completes a mutual TLS handshake: the
+//! client must present a certificate signed by `--tls-ca`.
 //!
 //! Wire format and message types live in [`super::network`].
 
@@ -13,12 +15,14 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::network::{
     FrameError, Hello, HelloReply, MAX_FRAME_LEN, MAX_HELLO_LEN, PROTOCOL_VERSION, PeerRequest,
     PeerResponse, SnapshotChunk, SnapshotChunkError, read_frame, write_frame,
 };
+use super::peer_stream::PeerStream;
 use super::snapshot_file::SnapshotFile;
 use super::{Raft, typ};
 use crate::stall_timeout::StallTimeout;
@@ -26,7 +30,8 @@ use crate::stall_timeout::StallTimeout;
 /// The bounds of every peer connection.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerLimits {
-    /// How long a new connection may take to send its [`Hello`].
+    /// How long a new connection may take to complete its TLS handshake (if
+    /// any) and send its [`Hello`].
     pub hello_timeout: Duration,
     /// How long a connection may send nothing (between or inside frames),
     /// or leave a response unread, before it is closed. Peers reconnect.
@@ -54,14 +59,16 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Each connection gets its own task; its requests are answered one at a
 /// time, in order, which keeps a leader's append-entries stream ordered.
 /// When `token` is set, a connection whose [`Hello`] carries a different
-/// token is refused. A malformed frame closes only that connection, and so
-/// does silence beyond the [`PeerLimits`]; connections over the cap are
-/// closed at once. On shutdown the listener and every open connection are
+/// token is refused. With `tls` (built to require client certificates), a
+/// connection that fails the handshake is closed before any frame is read.
+/// A malformed frame closes only that connection, and so does silence
+/// beyond the [`PeerLimits`]; connections over the cap are closed at once. On shutdown the listener and every open connection are
 /// closed.
 pub async fn serve(
     listener: TcpListener,
     raft: Raft,
     token: Option<String>,
+    tls: Option<TlsAcceptor>,
     limits: PeerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -71,7 +78,7 @@ pub async fn serve(
         let receiving = receiving.clone();
         async move { dispatch(&raft, &receiving, request).await }
     };
-    serve_with(listener, token, limits, shutdown, handler).await;
+    serve_with(listener, token, tls, limits, shutdown, handler).await;
 }
 
 /// [`serve`] with the RPC handling passed in, so that the transport can be
@@ -79,6 +86,7 @@ pub async fn serve(
 pub(crate) async fn serve_with<H, F>(
     listener: TcpListener,
     token: Option<String>,
+    tls: Option<TlsAcceptor>,
     limits: PeerLimits,
     shutdown: impl Future<Output = ()>,
     handler: H,
@@ -107,8 +115,9 @@ pub(crate) async fn serve_with<H, F>(
                     };
                     let handler = handler.clone();
                     let token = token.clone();
+                    let tls = tls.clone();
                     connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, peer, token, limits, handler).await {
+                        if let Err(e) = serve_connection(stream, peer, token, tls, limits, handler).await {
                             log_connection_error(peer, &e);
                         }
                         drop(slot);
@@ -130,6 +139,8 @@ pub(crate) async fn serve_with<H, F>(
 enum ConnectionError {
     #[error("no hello within {0:?}")]
     HelloTimeout(Duration),
+    #[error("tls handshake failed: {0}")]
+    Handshake(std::io::Error),
     #[error("refused: {0}")]
     Refused(String),
     #[error(transparent)]
@@ -153,6 +164,7 @@ async fn serve_connection<H, F>(
     stream: TcpStream,
     peer: SocketAddr,
     token: Option<Arc<str>>,
+    tls: Option<TlsAcceptor>,
     limits: PeerLimits,
     handler: H,
 ) -> Result<(), ConnectionError>
@@ -161,10 +173,18 @@ where
     F: Future<Output = PeerResponse>,
 {
     stream.set_nodelay(true)?;
+    // The handshake and the hello share one deadline.
+    let deadline = tokio::time::Instant::now() + limits.hello_timeout;
+    let stream =
+        match tokio::time::timeout_at(deadline, PeerStream::accept(stream, tls.as_ref())).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(ConnectionError::Handshake(e)),
+            Err(_) => return Err(ConnectionError::HelloTimeout(limits.hello_timeout)),
+        };
     let idle = Some(limits.idle_timeout);
     let mut stream = StallTimeout::new(stream, idle, idle);
 
-    let hello = tokio::time::timeout(limits.hello_timeout, read_frame(&mut stream, MAX_HELLO_LEN));
+    let hello = tokio::time::timeout_at(deadline, read_frame(&mut stream, MAX_HELLO_LEN));
     let hello: Hello = match hello.await {
         Ok(Ok(hello)) => hello,
         Ok(Err(FrameError::Closed)) => return Ok(()),
@@ -327,7 +347,14 @@ mod tests {
     #[allow(dead_code)]
     fn serve_future_is_send(listener: TcpListener, raft: Raft) {
         fn assert_send<T: Send>(_: &T) {}
-        assert_send(&serve(listener, raft, None, PeerLimits::default(), async {}));
+        assert_send(&serve(
+            listener,
+            raft,
+            None,
+            None,
+            PeerLimits::default(),
+            async {},
+        ));
     }
 
     fn hello(version: u32, token: Option<&str>) -> Hello {
