@@ -57,7 +57,7 @@ pub struct HostState {
     pub(super) fault: Option<String>,
     /// A deterministic rule the guest broke (a write during a query).
     pub(super) violation: Option<String>,
-    pub(super) limits: wasmtime::StoreLimits,
+    pub(super) limiter: super::limiter::GuestLimiter,
 }
 
 impl std::fmt::Debug for HostState {

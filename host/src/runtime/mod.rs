@@ -12,6 +12,7 @@
 
 mod bindings;
 mod cache;
+mod limiter;
 pub mod stack_limit;
 mod state;
 
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Config, Engine, Store, Trap};
 
 pub use bindings::{BYTES_PER_FUEL, Context, GuestInfo, MAX_SCAN_BYTES, MAX_SCAN_LIMIT};
 use bindings::{HostState, StateMachine, StateMachinePre};
@@ -695,15 +696,10 @@ impl GuestInstance {
             read_only: false,
             fault: None,
             violation: None,
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .instances(16)
-                .memories(16)
-                .tables(64)
-                .build(),
+            limiter: limiter::GuestLimiter::new(limits.memory_bytes),
         };
         let mut store = Store::new(&self.module.runtime.engine, state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.limiter);
         store
             .set_fuel(limits.fuel_per_call)
             .map_err(|e| StartError::Host(HostFault(format!("setting fuel: {e}"))))?;
