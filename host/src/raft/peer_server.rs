@@ -280,15 +280,15 @@ async fn receive_chunk(
     receiving: &Mutex<Option<Receiving>>,
     chunk: SnapshotChunk,
 ) -> Result<Option<openraft::raft::SnapshotResponse<super::NodeId>>, SnapshotChunkError> {
-    let refused = |what: &str, e: &dyn std::fmt::Display| {
-        SnapshotChunkError::Refused(format!("{what} snapshot {}: {e}", chunk.meta.snapshot_id))
+    let refused = |reason: std::fmt::Arguments<'_>| {
+        SnapshotChunkError::Refused(format!("snapshot {}: {reason}", chunk.meta.snapshot_id))
     };
     let mut slot = receiving.lock().await;
     if chunk.offset == 0 {
         let file = raft
             .begin_receiving_snapshot()
             .await
-            .map_err(|e| refused("cannot start receiving", &e))?;
+            .map_err(|e| refused(format_args!("cannot start receiving it: {e}")))?;
         *slot = Some(Receiving {
             snapshot_id: chunk.meta.snapshot_id.clone(),
             file,
@@ -300,14 +300,14 @@ async fn receive_chunk(
         .as_mut()
         .filter(|r| r.snapshot_id == chunk.meta.snapshot_id && r.received == chunk.offset)
         .ok_or_else(|| {
-            refused(
-                "out of order: this piece does not continue",
-                &format_args!("offset {}", chunk.offset),
-            )
+            refused(format_args!(
+                "the piece at offset {} does not continue what was received; send it again from the start",
+                chunk.offset
+            ))
         })?;
     if let Err(e) = current.file.write_all(&chunk.data).await {
         *slot = None;
-        return Err(refused("cannot store", &e));
+        return Err(refused(format_args!("cannot store it: {e}")));
     }
     current.received += chunk.data.len() as u64;
     current.pieces += 1;
@@ -321,13 +321,15 @@ async fn receive_chunk(
         ..
     }) = slot.take()
     else {
-        return Err(refused("lost", &"no file"));
+        return Err(refused(format_args!("its file was lost")));
     };
     info!(snapshot = %chunk.meta.snapshot_id, bytes = received, pieces, "received a snapshot; installing it");
-    file.sync().await.map_err(|e| refused("cannot store", &e))?;
+    file.sync()
+        .await
+        .map_err(|e| refused(format_args!("cannot store it: {e}")))?;
     file.seek(std::io::SeekFrom::Start(0))
         .await
-        .map_err(|e| refused("cannot read back", &e))?;
+        .map_err(|e| refused(format_args!("cannot read it back: {e}")))?;
     let snapshot = typ::Snapshot {
         meta: chunk.meta,
         snapshot: file,
