@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::error::Fatal;
+use openraft::raft::SnapshotResponse;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +26,7 @@ use super::network::{
 };
 use super::peer_stream::PeerStream;
 use super::snapshot_file::SnapshotFile;
-use super::{Raft, typ};
+use super::{NodeId, Raft, typ};
 use crate::stall_timeout::StallTimeout;
 
 /// The bounds of every peer connection.
@@ -273,20 +275,48 @@ struct Receiving {
     pieces: u64,
 }
 
+/// What receiving a snapshot needs from Raft; the tests stand in for it.
+trait SnapshotTarget {
+    /// A new, empty file to receive a snapshot into.
+    async fn begin(&self) -> Result<Box<SnapshotFile>, String>;
+    /// Checks and installs a received snapshot.
+    async fn install(
+        &self,
+        vote: typ::Vote,
+        snapshot: typ::Snapshot,
+    ) -> Result<SnapshotResponse<NodeId>, Fatal<NodeId>>;
+}
+
+impl SnapshotTarget for Raft {
+    async fn begin(&self) -> Result<Box<SnapshotFile>, String> {
+        self.begin_receiving_snapshot()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn install(
+        &self,
+        vote: typ::Vote,
+        snapshot: typ::Snapshot,
+    ) -> Result<SnapshotResponse<NodeId>, Fatal<NodeId>> {
+        self.install_full_snapshot(vote, snapshot).await
+    }
+}
+
 /// Writes one piece of a snapshot to its file (made by the state machine)
 /// and, after the last one, hands the file to Raft to check and install.
 async fn receive_chunk(
-    raft: &Raft,
+    raft: &impl SnapshotTarget,
     receiving: &Mutex<Option<Receiving>>,
     chunk: SnapshotChunk,
-) -> Result<Option<openraft::raft::SnapshotResponse<super::NodeId>>, SnapshotChunkError> {
+) -> Result<Option<SnapshotResponse<NodeId>>, SnapshotChunkError> {
     let refused = |reason: std::fmt::Arguments<'_>| {
         SnapshotChunkError::Refused(format!("snapshot {}: {reason}", chunk.meta.snapshot_id))
     };
     let mut slot = receiving.lock().await;
     if chunk.offset == 0 {
         let file = raft
-            .begin_receiving_snapshot()
+            .begin()
             .await
             .map_err(|e| refused(format_args!("cannot start receiving it: {e}")))?;
         *slot = Some(Receiving {
@@ -334,7 +364,7 @@ async fn receive_chunk(
         meta: chunk.meta,
         snapshot: file,
     };
-    raft.install_full_snapshot(chunk.vote, snapshot)
+    raft.install(chunk.vote, snapshot)
         .await
         .map(Some)
         .map_err(SnapshotChunkError::Fatal)
@@ -357,6 +387,119 @@ mod tests {
             PeerLimits::default(),
             async {},
         ));
+    }
+
+    /// Stands in for Raft: receives into `dir` and records what it installs.
+    struct FakeTarget {
+        dir: tempfile::TempDir,
+        begun: std::sync::atomic::AtomicUsize,
+        installed: std::sync::Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl SnapshotTarget for FakeTarget {
+        async fn begin(&self) -> Result<Box<SnapshotFile>, String> {
+            let n = self
+                .begun
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = self.dir.path().join(format!("{n}.part"));
+            SnapshotFile::create_temporary(&path)
+                .await
+                .map(Box::new)
+                .map_err(|e| e.to_string())
+        }
+
+        async fn install(
+            &self,
+            vote: typ::Vote,
+            mut snapshot: typ::Snapshot,
+        ) -> Result<SnapshotResponse<NodeId>, Fatal<NodeId>> {
+            use tokio::io::AsyncReadExt as _;
+            let mut bytes = Vec::new();
+            snapshot
+                .snapshot
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|_| Fatal::Panicked)?;
+            self.installed
+                .lock()
+                .map_err(|_| Fatal::Panicked)?
+                .push(bytes);
+            Ok(SnapshotResponse::new(vote))
+        }
+    }
+
+    fn chunk(id: &str, offset: u64, data: &[u8], done: bool) -> SnapshotChunk {
+        SnapshotChunk {
+            vote: openraft::Vote::new_committed(2, 1),
+            meta: typ::SnapshotMeta {
+                snapshot_id: id.into(),
+                ..Default::default()
+            },
+            offset,
+            data: data.to_vec(),
+            done,
+        }
+    }
+
+    /// Pieces are assembled in order into the file Raft installs; a piece
+    /// that does not continue the snapshot being received (a gap, a repeat,
+    /// another snapshot's) is refused, and the sender starts over at 0.
+    #[tokio::test]
+    async fn snapshot_pieces_are_assembled_in_order_or_refused() -> anyhow::Result<()> {
+        let target = FakeTarget {
+            dir: tempfile::tempdir()?,
+            begun: std::sync::atomic::AtomicUsize::new(0),
+            installed: std::sync::Mutex::default(),
+        };
+        let receiving = Mutex::new(None);
+        let receive = |c| receive_chunk(&target, &receiving, c);
+
+        assert!(matches!(
+            receive(chunk("a", 0, b"abc", false)).await,
+            Ok(None)
+        ));
+        for stray in [
+            chunk("a", 5, b"x", false),
+            chunk("a", 1, b"bc", false),
+            chunk("b", 3, b"x", true),
+        ] {
+            let refused = receive(stray).await;
+            assert!(
+                matches!(&refused, Err(SnapshotChunkError::Refused(r)) if r.contains("does not continue")),
+                "{refused:?}"
+            );
+        }
+        assert!(matches!(
+            receive(chunk("a", 3, b"def", false)).await,
+            Ok(None)
+        ));
+        let done = receive(chunk("a", 6, b"g", true)).await;
+        assert!(matches!(done, Ok(Some(_))), "{done:?}");
+        // Nothing is left in progress: a piece past 0 is refused now.
+        assert!(receive(chunk("a", 7, b"h", true)).await.is_err());
+
+        // A transfer that starts over replaces the abandoned one.
+        assert!(matches!(
+            receive(chunk("c", 0, b"xx", false)).await,
+            Ok(None)
+        ));
+        assert!(matches!(
+            receive(chunk("c", 0, b"12", false)).await,
+            Ok(None)
+        ));
+        assert!(matches!(
+            receive(chunk("c", 2, b"3", true)).await,
+            Ok(Some(_))
+        ));
+
+        let installed = target
+            .installed
+            .lock()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(*installed, [b"abcdefg".to_vec(), b"123".to_vec()]);
+        // The abandoned transfer's file went with it.
+        assert_eq!(std::fs::read_dir(target.dir.path())?.count(), 0);
+        Ok(())
     }
 
     fn hello(version: u32, token: Option<&str>) -> Hello {
