@@ -441,6 +441,9 @@ pub struct StateMachineStore {
     tree: sled::Tree,
     snapshots: sled::Tree,
     snapshot_dir: SnapshotDir,
+    /// Held while a snapshot is made current, so that a build finishing
+    /// and an install cannot interleave their checks and stores.
+    storing: Arc<tokio::sync::Mutex<()>>,
     runtime: GuestRuntime,
     reader: StateReader,
     /// The apply instance of the active guest.
@@ -653,6 +656,31 @@ async fn store_snapshot(
     Ok(dir.path_of(&file))
 }
 
+/// The current snapshot, opened. A snapshot stored meanwhile removes the
+/// file it replaces after recording its own, so a file found missing is
+/// looked up again.
+async fn open_current_snapshot(
+    snapshots: &sled::Tree,
+    dir: &SnapshotDir,
+) -> Result<Option<typ::Snapshot>, typ::StorageError> {
+    let mut attempts = 0;
+    loop {
+        let Some(stored) = read_meta::<StoredSnapshot>(snapshots, KEY_SNAPSHOT)? else {
+            return Ok(None);
+        };
+        match SnapshotFile::open(&dir.path_of(&stored.file)).await {
+            Ok(file) => {
+                return Ok(Some(Snapshot {
+                    meta: stored.meta,
+                    snapshot: Box::new(file),
+                }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+            Err(e) => return Err(read_err(format!("opening snapshot {}: {e}", stored.file))),
+        }
+    }
+}
+
 /// Converts a snapshot stored whole in sled by an earlier version into a
 /// snapshot file, so that it can be installed again and sent.
 fn convert_inline_snapshot(
@@ -717,6 +745,7 @@ impl StateMachineStore {
             tree,
             snapshots,
             snapshot_dir,
+            storing: Arc::default(),
             runtime: runtime.clone(),
             reader,
             instance: None,
@@ -1102,6 +1131,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             disk: self.disk.clone(),
             snapshots: self.snapshots.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
+            storing: self.storing.clone(),
             applied: self.applied,
             membership: self.membership.clone(),
             dumped: Some(dumped.map(|()| part)),
@@ -1138,8 +1168,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })?;
         // Stored first: if the node crashes while replacing the state, `open`
         // finishes the install from the stored file.
+        let storing = self.storing.clone();
+        let stored = storing.lock().await;
         let path =
             store_snapshot(&self.disk, &self.snapshots, &self.snapshot_dir, &part, meta).await?;
+        drop(stored);
         snapshot.keep();
         drop(snapshot);
         let (tree, disk, gate) = (
@@ -1156,15 +1189,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<typ::Snapshot>, typ::StorageError> {
-        let Some(stored) = self.stored_snapshot()? else {
-            return Ok(None);
-        };
-        let path = self.snapshot_dir.path_of(&stored.file);
-        let file = SnapshotFile::open(&path).await.map_err(read_err)?;
-        Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(file),
-        }))
+        open_current_snapshot(&self.snapshots, &self.snapshot_dir).await
     }
 }
 
@@ -1174,6 +1199,7 @@ pub struct SnapshotBuilder {
     disk: Disk,
     snapshots: sled::Tree,
     snapshot_dir: SnapshotDir,
+    storing: Arc<tokio::sync::Mutex<()>>,
     applied: Option<typ::LogId>,
     membership: typ::StoredMembership,
     /// The written file, until the build takes it.
@@ -1199,17 +1225,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         // A build that raced with a newer installed snapshot must not
         // replace it; the newer one is the answer then.
+        let _storing = self.storing.lock().await;
         let current: Option<StoredSnapshot> = read_meta(&self.snapshots, KEY_SNAPSHOT)?;
-        if let Some(current) = current
-            && current.meta.last_log_id >= last
-        {
+        if current.is_some_and(|current| current.meta.last_log_id >= last) {
             let _ = std::fs::remove_file(&part);
-            let path = self.snapshot_dir.path_of(&current.file);
-            let file = SnapshotFile::open(&path).await.map_err(read_err)?;
-            return Ok(Snapshot {
-                meta: current.meta,
-                snapshot: Box::new(file),
-            });
+            if let Some(current) =
+                open_current_snapshot(&self.snapshots, &self.snapshot_dir).await?
+            {
+                return Ok(current);
+            }
         }
         let path = store_snapshot(
             &self.disk,
