@@ -7,6 +7,7 @@
 //! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
+//! - [`proto`]: the HTTP wire types.
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
@@ -18,6 +19,7 @@ pub mod deploy;
 pub mod http_server;
 pub mod metrics;
 pub mod node;
+pub mod proto;
 pub mod raft;
 pub mod runtime;
 pub mod stall_timeout;
