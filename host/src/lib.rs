@@ -7,13 +7,15 @@
 //! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
-//! - [`proto`]: the HTTP wire types.
+//! - [`proto`]: the HTTP wire types; [`client`]: a typed client of the API
+//!   that finds the leader itself.
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
 
 pub mod api;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod http_server;
