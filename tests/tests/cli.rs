@@ -272,3 +272,23 @@ async fn status_and_member_commands_manage_a_cluster() -> anyhow::Result<()> {
     assert!(err.contains("not a member"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn kv_commands_speak_https_to_a_tls_cluster() -> anyhow::Result<()> {
+    let cluster = TestCluster::new().with_tls()?.start_nodes(3, &[]).await?;
+    let ca = cluster.ca().map(|ca| ca.file.display().to_string());
+    let ca = format!("--tls-ca={}", ca.unwrap_or_default());
+    let all = format!("--cluster={}", endpoints(&cluster, 0));
+    let (code, _, err) = outcome(&raftwasm(&["kv", "set", "k", "tls", &all, &ca], &[], b"")?);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = outcome(&raftwasm(&["kv", "get", "k", &all, &ca], &[], b"")?);
+    assert_eq!((code, out.as_slice()), (Some(0), &b"tls"[..]), "{err}");
+    // Without the CA the client speaks clear text to HTTPS ports: no answer.
+    let (code, _, err) = outcome(&raftwasm(
+        &["kv", "get", "k", &all, "--timeout=0.5"],
+        &[],
+        b"",
+    )?);
+    assert_eq!(code, Some(3), "{err}");
+    Ok(())
+}
