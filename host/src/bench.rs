@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use crate::client::Client;
+
 /// What to measure.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchConfig {
@@ -72,13 +74,13 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<()> {
     if let Some(guest) = &config.swap_guest {
         let module =
             std::fs::read(guest).with_context(|| format!("cannot read {}", guest.display()))?;
-        let swap = tokio::spawn(swap(
-            client.clone(),
-            base.clone(),
-            module,
+        let swap_client = Client::new(
+            std::slice::from_ref(&config.cluster),
             config.token.clone(),
-            config.seconds,
-        ));
+            config.tls_ca.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        let swap = tokio::spawn(swap(swap_client, module, config.seconds));
         let path = format!("set?value={value}&key=");
         workload_row(&client, &base, "set during swap", &path, &config).await?;
         let (upload, everywhere) = swap.await.context("the swap task failed")??;
@@ -91,52 +93,23 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<()> {
 
 /// Deploys `module` halfway through the workload; returns the milliseconds
 /// until the leader answered and until every member reported the guest.
-async fn swap(
-    client: reqwest::Client,
-    base: String,
-    module: Vec<u8>,
-    token: Option<String>,
-    seconds: u64,
-) -> anyhow::Result<(f64, f64)> {
+async fn swap(client: Client, module: Vec<u8>, seconds: u64) -> anyhow::Result<(f64, f64)> {
     tokio::time::sleep(Duration::from_millis(seconds * 500)).await;
     let started = Instant::now();
-    let mut request = client.post(format!("{base}/guest?force=true")).body(module);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "the swap was refused: {}",
-        response.text().await?
-    );
+    let record = client
+        .deploy(&module, true)
+        .await
+        .context("the swap was refused")?;
     let upload = started.elapsed().as_secs_f64() * 1e3;
-    let record: serde_json::Value = response.json().await?;
-    let status: serde_json::Value = client
-        .get(format!("{base}/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let members = status["members"].as_array().cloned().unwrap_or_default();
-    for member in members {
-        let tls = base.starts_with("https://");
-        let member = crate::tls::base_url(member["http"].as_str().unwrap_or_default(), tls);
-        let url = format!("{member}/status");
-        loop {
-            let status: serde_json::Value = client.get(&url).send().await?.json().await?;
-            if status["guest"]["hash"] == record["hash"]
-                && status["guest"]["since"] == record["index"]
-            {
-                break;
+    let mut behind = Vec::new();
+    client
+        .wait_for_guest(&record, Duration::from_secs(30), |member, running| {
+            if !running {
+                behind.push(member.to_owned());
             }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "{url} never ran the new guest"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
+        })
+        .await?;
+    anyhow::ensure!(behind.is_empty(), "{behind:?} never ran the new guest");
     Ok((upload, started.elapsed().as_secs_f64() * 1e3))
 }
 

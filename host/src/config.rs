@@ -27,6 +27,22 @@ pub enum Command {
     /// Manage the cluster's guest.
     #[command(subcommand)]
     Guest(crate::deploy::GuestCommand),
+    /// Read and write the guest-kv cache: get, set, delete, cas.
+    #[command(subcommand)]
+    Kv(crate::cli::KvCommand),
+    /// Show the members: role, term, addresses, applied index, lag, guest.
+    Status(crate::cli::StatusArgs),
+    /// Add or remove members.
+    #[command(subcommand)]
+    Member(crate::cli::MemberCommand),
+}
+
+impl Command {
+    /// Whether this is one of the client subcommands that print results on
+    /// stdout and report through their exit code.
+    pub fn is_cli(&self) -> bool {
+        matches!(self, Self::Kv(_) | Self::Status(_) | Self::Member(_))
+    }
 }
 
 /// Everything a node needs to run.

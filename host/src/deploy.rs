@@ -2,9 +2,11 @@
 //! guest runs.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+
+use crate::client::Client;
 
 /// Guest subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -13,7 +15,7 @@ pub enum GuestCommand {
     Deploy {
         /// The module: a wasm32 core module built with wit-bindgen, or a component.
         file: PathBuf,
-        /// HTTP address of any cluster member.
+        /// HTTP addresses of cluster members, comma-separated.
         #[arg(long, default_value = "127.0.0.1:6000")]
         cluster: String,
         /// Replace a guest with another name, or with a version that is not higher.
@@ -28,7 +30,7 @@ pub enum GuestCommand {
     },
     /// Show the active guest and the history of swaps.
     Show {
-        /// HTTP address of any cluster member.
+        /// HTTP addresses of cluster members, comma-separated.
         #[arg(long, default_value = "127.0.0.1:6000")]
         cluster: String,
         /// CA bundle (PEM) of a TLS cluster: talk HTTPS, trusting only it.
@@ -38,61 +40,25 @@ pub enum GuestCommand {
 }
 
 impl GuestCommand {
-    fn tls_ca(&self) -> Option<&std::path::Path> {
-        match self {
-            Self::Deploy { tls_ca, .. } | Self::Show { tls_ca, .. } => tls_ca.as_deref(),
-        }
+    /// A client of the cluster this command names.
+    fn client(&self) -> anyhow::Result<Client> {
+        let (cluster, token, tls_ca) = match self {
+            Self::Deploy {
+                cluster,
+                token,
+                tls_ca,
+                ..
+            } => (cluster, token.clone(), tls_ca),
+            Self::Show { cluster, tls_ca } => (cluster, None, tls_ca),
+        };
+        let endpoints: Vec<String> = cluster.split(',').map(str::to_owned).collect();
+        Ok(Client::new(
+            &endpoints,
+            token,
+            tls_ca.as_deref(),
+            Duration::from_secs(30),
+        )?)
     }
-}
-
-/// Polls every member's `/status` until it runs the guest `hash`.
-async fn wait_for_every_node(
-    client: &reqwest::Client,
-    tls: bool,
-    cluster: &str,
-    hash: &str,
-    started: Instant,
-) -> anyhow::Result<()> {
-    let base = |addr: &str| crate::tls::base_url(addr, tls);
-    let status: serde_json::Value = client
-        .get(format!("{}/status", base(cluster)))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let members: Vec<String> = status["members"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .filter_map(|m| m["http"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    for member in members {
-        loop {
-            let status = client.get(format!("{}/status", base(&member))).send().await;
-            let current = match status {
-                Ok(response) => response.json::<serde_json::Value>().await.ok(),
-                Err(_) => None,
-            };
-            if current.as_ref().is_some_and(|s| s["guest"]["hash"] == hash) {
-                println!(
-                    "  {member}: running it ({:.0} ms)",
-                    started.elapsed().as_secs_f64() * 1e3
-                );
-                break;
-            }
-            if Instant::now() > deadline {
-                println!(
-                    "  {member}: not running it yet (down or behind); it will switch when it catches up"
-                );
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-    Ok(())
 }
 
 /// Runs a guest subcommand, printing progress and the outcome.
@@ -100,60 +66,47 @@ async fn wait_for_every_node(
 /// # Errors
 /// When the cluster cannot be reached or refuses the guest (with its reason).
 pub async fn run(command: GuestCommand) -> anyhow::Result<()> {
-    let tls_ca = command.tls_ca();
-    let client = crate::tls::http_client_builder(tls_ca)?.build()?;
-    let tls = tls_ca.is_some();
-    let base = |addr: &str| crate::tls::base_url(addr, tls);
+    let client = command.client()?;
     match command {
-        GuestCommand::Deploy {
-            file,
-            cluster,
-            force,
-            token,
-            ..
-        } => {
+        GuestCommand::Deploy { file, force, .. } => {
             let module =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             println!(
-                "uploading {} ({} bytes) to {}",
+                "uploading {} ({} bytes) to the leader",
                 file.display(),
                 module.len(),
-                base(&cluster)
             );
             let started = Instant::now();
-            let mut request = client
-                .post(format!("{}/guest?force={force}", base(&cluster)))
-                .body(module);
-            if let Some(token) = token {
-                request = request.bearer_auth(token);
-            }
-            let response = request.send().await.context("cannot reach the cluster")?;
-            let status = response.status();
-            let text = response.text().await?;
-            if !status.is_success() {
-                bail!("the cluster refused the guest ({status}): {text}");
-            }
-            let record: serde_json::Value = serde_json::from_str(&text)?;
-            let hash = record["hash"].as_str().unwrap_or_default().to_owned();
+            let record = client
+                .deploy(&module, force)
+                .await
+                .context("the cluster did not take the guest")?;
             println!(
-                "committed: {} {} (sha256 {hash}) is active from log index {} ({:.0} ms)",
-                record["name"].as_str().unwrap_or("?"),
-                record["version"].as_str().unwrap_or("?"),
-                record["index"],
+                "committed: {} {} (sha256 {}) is active from log index {} ({:.0} ms)",
+                record.name,
+                record.version,
+                record.hash,
+                record.index,
                 started.elapsed().as_secs_f64() * 1e3
             );
-            wait_for_every_node(&client, tls, &cluster, &hash, started).await?;
-        }
-        GuestCommand::Show { cluster, .. } => {
-            let text = client
-                .get(format!("{}/guest", base(&cluster)))
-                .send()
-                .await
-                .context("cannot reach the cluster")?
-                .text()
+            client
+                .wait_for_guest(&record, Duration::from_secs(30), |member, running| {
+                    if running {
+                        println!(
+                            "  {member}: running it ({:.0} ms)",
+                            started.elapsed().as_secs_f64() * 1e3
+                        );
+                    } else {
+                        println!(
+                            "  {member}: not running it yet (down or behind); it will switch when it catches up"
+                        );
+                    }
+                })
                 .await?;
-            let value: serde_json::Value = serde_json::from_str(&text)?;
-            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        GuestCommand::Show { .. } => {
+            let guests = client.guest().await.context("cannot read the guest")?;
+            println!("{}", serde_json::to_string_pretty(&guests)?);
         }
     }
     Ok(())

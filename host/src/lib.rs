@@ -7,17 +7,23 @@
 //! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
+//! - [`proto`]: the HTTP wire types; [`client`]: a typed client of the API
+//!   that finds the leader itself; [`cli`]: the `kv`, `status` and `member`
+//!   subcommands built on it.
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
 
 pub mod api;
 pub mod bench;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod http_server;
 pub mod metrics;
 pub mod node;
+pub mod proto;
 pub mod raft;
 pub mod runtime;
 pub mod stall_timeout;

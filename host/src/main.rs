@@ -12,12 +12,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(normalize_args(std::env::args()));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into());
+    if cli.command.as_ref().is_some_and(Command::is_cli) {
+        // stdout carries the command's output (raw bytes for `kv get`).
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if cli.command.is_none()
@@ -29,6 +34,9 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Some(Command::Bench(config)) => raftwasm::bench::run(config).await,
             Some(Command::Guest(command)) => raftwasm::deploy::run(command).await,
+            Some(Command::Kv(command)) => exit(raftwasm::cli::kv(command).await),
+            Some(Command::Status(args)) => exit(raftwasm::cli::status(args).await),
+            Some(Command::Member(command)) => exit(raftwasm::cli::member(command).await),
             None => {
                 let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
                 let shutdown = async {
@@ -38,4 +46,18 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Ends a client subcommand with its documented exit code, its message on
+/// stderr.
+fn exit(outcome: Result<(), raftwasm::cli::Failure>) -> ! {
+    match outcome {
+        Ok(()) => std::process::exit(0),
+        Err(failure) => {
+            if let Some(message) = failure.message {
+                eprintln!("error: {message}");
+            }
+            std::process::exit(failure.code.into())
+        }
+    }
 }

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use raftwasm::proto::Status;
 
 use crate::certs::TestCa;
 
@@ -18,7 +19,10 @@ use crate::certs::TestCa;
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// The `raftwasm` binary built with these tests.
-fn binary() -> PathBuf {
+///
+/// # Panics
+/// When it has not been built.
+pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/raftwasm
     let path = exe
@@ -312,14 +316,17 @@ impl TestCluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Node `i`'s `/status` as the typed [`Status`], with its state hash.
+    pub async fn typed_status(&self, i: usize) -> anyhow::Result<Status> {
+        let (code, body) = self.get(i, "/status?state_hash=true").await?;
+        anyhow::ensure!(code == 200, "status answered {code}: {body}");
+        serde_json::from_str(&body).with_context(|| format!("node {i}'s status: {body}"))
+    }
+
     /// The members node `i` sees, as `(id, voter)`.
     pub async fn members(&self, i: usize) -> anyhow::Result<Vec<(u64, bool)>> {
-        let status = self.status(i).await?;
-        let members = status["members"].as_array().cloned().unwrap_or_default();
-        Ok(members
-            .iter()
-            .map(|m| (m["id"].as_u64().unwrap_or(0), m["voter"] == true))
-            .collect())
+        let status = self.typed_status(i).await?;
+        Ok(status.members.iter().map(|m| (m.id, m.voter)).collect())
     }
 
     /// The index of the node that every running node agrees leads.
@@ -330,9 +337,8 @@ impl TestCluster {
                 if !node.is_running() {
                     continue;
                 }
-                let status = self.status(i).await?;
-                let leader_http = status["leader_http"].as_str().map(str::to_owned);
-                let Some(leader_http) = leader_http else {
+                let status = self.typed_status(i).await?;
+                let Some(leader_http) = status.leader_http else {
                     bail!("node {i} knows no leader")
                 };
                 if agreed.get_or_insert(leader_http.clone()) != &leader_http {
@@ -357,8 +363,8 @@ impl TestCluster {
     /// Waits until node `i` reports an active guest.
     pub async fn wait_for_guest(&self, i: usize) -> anyhow::Result<()> {
         self.wait_for("the first guest to be active", || async {
-            let status = self.status(i).await?;
-            anyhow::ensure!(!status["guest"].is_null(), "no guest yet");
+            let status = self.typed_status(i).await?;
+            anyhow::ensure!(status.guest.is_some(), "no guest yet");
             Ok(())
         })
         .await
@@ -372,13 +378,11 @@ impl TestCluster {
                 if !node.is_running() {
                     continue;
                 }
-                let status = self.status(i).await?;
-                let voters = status["members"]
-                    .as_array()
-                    .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
+                let status = self.typed_status(i).await?;
+                let voters = status.voters();
                 anyhow::ensure!(voters == n, "node {i} sees {voters} voters");
                 anyhow::ensure!(
-                    status["membership_changing"] == false,
+                    !status.membership_changing,
                     "node {i} is between two memberships"
                 );
             }
@@ -413,11 +417,11 @@ impl TestCluster {
             let mut hashes = Vec::new();
             for (i, node) in self.nodes.iter().enumerate() {
                 if node.is_running() {
-                    hashes.push(self.status(i).await?["state_hash"].clone());
+                    hashes.push(self.typed_status(i).await?.state_hash);
                 }
             }
             anyhow::ensure!(
-                hashes.iter().all(|h| !h.is_null() && *h == hashes[0]),
+                hashes.iter().all(|h| h.is_some() && *h == hashes[0]),
                 "state hashes {hashes:?}"
             );
             Ok(())

@@ -7,25 +7,17 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use openraft::ChangeMembers;
-use serde::{Deserialize, Serialize};
 
 use axum::http::HeaderMap;
 
 use super::query::Params;
 use super::{ApiError, require_token};
 use crate::node::App;
+use crate::proto::{Member, Role, Status};
 use crate::raft::{NodeId, NodeInfo, typ};
 
 /// What a joining node sends: its id and addresses.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JoinRequest {
-    /// The joining node's id.
-    pub id: NodeId,
-    /// Its HTTP address.
-    pub http: String,
-    /// Its peer address.
-    pub raft: String,
-}
+pub use crate::proto::JoinRequest;
 
 fn not_leader(app: &App) -> ApiError {
     ApiError::NotLeader {
@@ -175,15 +167,6 @@ pub async fn remove(
     Ok("ok")
 }
 
-/// One member, as `/status` shows it.
-#[derive(Debug, Serialize)]
-struct Member {
-    id: NodeId,
-    http: String,
-    raft: String,
-    voter: bool,
-}
-
 /// `GET /status`: this node's view of the cluster, as JSON.
 ///
 /// `state_hash` (a SHA-256 over every key and value, equal on replicas with
@@ -192,7 +175,7 @@ struct Member {
 pub async fn status(
     State(app): State<Arc<App>>,
     RawQuery(query): RawQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Status>, ApiError> {
     let params = Params::parse(query.as_deref())?;
     let with_hash = matches!(params.text("state_hash")?, Some("true" | "1"));
     // Hashing reads the whole state: on the blocking pool, not an async
@@ -226,23 +209,29 @@ pub async fn status(
                 .map(|(id, log)| (*id, log.map(|l| l.index)))
                 .collect()
         });
-    Ok(Json(serde_json::json!({
-        "id": app.id,
-        "role": format!("{:?}", metrics.state).to_lowercase(),
-        "term": metrics.current_term,
-        "leader": leader,
-        "leader_http": leader_addr,
-        "last_log_index": metrics.last_log_index,
-        "committed": app.committed(),
-        "applied": metrics.last_applied.map(|l| l.index),
-        "snapshot": metrics.snapshot.map(|l| l.index),
-        "purged": metrics.purged.map(|l| l.index),
-        "members": members,
-        "membership_changing": membership.get_joint_config().len() > 1,
-        "replication": replication,
-        "guest": guest,
-        "state_hash": state_hash,
-    })))
+    Ok(Json(Status {
+        id: app.id,
+        role: match metrics.state {
+            openraft::ServerState::Leader => Role::Leader,
+            openraft::ServerState::Follower => Role::Follower,
+            openraft::ServerState::Candidate => Role::Candidate,
+            openraft::ServerState::Learner => Role::Learner,
+            openraft::ServerState::Shutdown => Role::Shutdown,
+        },
+        term: metrics.current_term,
+        leader,
+        leader_http: leader_addr,
+        last_log_index: metrics.last_log_index,
+        committed: app.committed(),
+        applied: metrics.last_applied.map(|l| l.index),
+        snapshot: metrics.snapshot.map(|l| l.index),
+        purged: metrics.purged.map(|l| l.index),
+        members,
+        membership_changing: membership.get_joint_config().len() > 1,
+        replication,
+        guest,
+        state_hash,
+    }))
 }
 
 /// `GET /metrics`: Prometheus text format.

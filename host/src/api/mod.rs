@@ -28,7 +28,7 @@ mod query;
 pub mod write_queue;
 
 /// The response header that names the leader's HTTP address.
-pub const LEADER_HEADER: &str = "x-raft-leader";
+pub use crate::proto::LEADER_HEADER;
 
 /// The largest key accepted, in bytes: guest-kv's own limit, so that `/apply`
 /// cannot store what `/set` refuses.
@@ -341,15 +341,16 @@ async fn negotiate(
     if !wants_json {
         return response;
     }
-    let body = serde_json::json!({
-        "error": info.message,
-        "leader": leader,
-    });
+    let body = crate::proto::NotLeader {
+        error: info.message.to_owned(),
+        leader,
+    };
+    let body = serde_json::to_string(&body).unwrap_or_default();
     let (mut parts, _) = response.into_parts();
     parts.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+    Response::from_parts(parts, axum::body::Body::from(body))
 }

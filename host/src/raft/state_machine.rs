@@ -106,13 +106,13 @@ pub struct ActiveGuest {
 
 impl ActiveGuest {
     /// The guest as `/status` and `GET /guest` show it.
-    pub fn describe(&self) -> serde_json::Value {
-        serde_json::json!({
-            "name": self.module.name(),
-            "version": self.module.version().to_string(),
-            "hash": self.module.hash(),
-            "since": self.since,
-        })
+    pub fn describe(&self) -> crate::proto::Guest {
+        crate::proto::Guest {
+            name: self.module.name().to_owned(),
+            version: self.module.version().to_string(),
+            hash: self.module.hash().to_owned(),
+            since: self.since,
+        }
     }
 }
 
@@ -312,20 +312,8 @@ impl StateReader {
     }
 }
 
-/// One successful guest swap, as recorded in the state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwapRecord {
-    /// The log index from which the guest is active.
-    pub index: u64,
-    /// The guest's name.
-    pub name: String,
-    /// The guest's version.
-    pub version: String,
-    /// The module's SHA-256, in hex.
-    pub hash: String,
-    /// Whether the version guard was skipped.
-    pub forced: bool,
-}
+/// One successful guest swap, as recorded in the state (its wire form).
+pub use crate::proto::SwapRecord;
 
 /// The current snapshot: what it covers and its file in the snapshot
 /// directory.

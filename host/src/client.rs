@@ -1,0 +1,627 @@
+//! `Client`: a typed client of a cluster's HTTP API. It takes several
+//! endpoints, finds the leader itself (following the leader a not-leader
+//! answer names, trying the next endpoint when one is down) and turns every
+//! answer into a [`proto`](crate::proto) type or a [`ClientError`].
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+
+use crate::proto::{GuestHistory, JoinRequest, LEADER_HEADER, NodeId, Role, Status, SwapRecord};
+
+/// How often a request asks again while the cluster has no leader.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// Why a request failed. [`ClientError::exit_code`] maps each kind to the
+/// CLI's documented exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The key does not exist (`get`, `delete`) or the member is unknown.
+    #[error("not found")]
+    NotFound,
+    /// The cluster refused the request (a 4xx answer): fix it before retrying.
+    #[error("{url} refused the request ({status}): {message}")]
+    Refused {
+        /// The URL asked.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The node's explanation.
+        message: String,
+    },
+    /// A node failed the request (a 5xx answer); a 504 on a write means its
+    /// outcome is unknown.
+    #[error("{url} failed the request ({status}): {message}")]
+    Failed {
+        /// The URL asked.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The node's explanation.
+        message: String,
+    },
+    /// No endpoint answered, or none led, before the timeout.
+    #[error(
+        "no leader answered within {timeout:?} (tried {endpoints}); last: {last}; check that \
+         the nodes run and that --cluster names them"
+    )]
+    Unreachable {
+        /// How long the client tried.
+        timeout: Duration,
+        /// The endpoints it tried.
+        endpoints: String,
+        /// The last failure seen.
+        last: String,
+    },
+    /// The request was sent but its answer was lost or malformed; a write
+    /// may or may not have happened.
+    #[error("{url}: {message}")]
+    Protocol {
+        /// The URL asked.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The client could not be set up (a bad `--tls-ca`, no endpoints).
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl ClientError {
+    /// The CLI's exit code: 1 for a missing key, 2 for a refused request, 3 when the cluster could not
+    /// serve it (unreachable, no leader, a 5xx, a timeout).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::NotFound => 1,
+            ClientError::Refused { .. } | ClientError::Setup(_) => 2,
+            ClientError::Failed { .. }
+            | ClientError::Unreachable { .. }
+            | ClientError::Protocol { .. } => 3,
+        }
+    }
+}
+
+/// The outcome of a compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cas {
+    /// The new value is stored.
+    Swapped,
+    /// Nothing changed; the current value (empty when the key is absent).
+    Mismatch(Vec<u8>),
+}
+
+/// How a read is served; see the README's read consistency section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Consistency {
+    /// Confirmed with a quorum: sees every write acknowledged before it.
+    #[default]
+    Linearizable,
+    /// The leader answers while its lease holds.
+    Lease,
+    /// Any node answers from its own state, possibly behind.
+    Stale,
+}
+
+impl Consistency {
+    fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Lease => "lease",
+            Consistency::Stale => "stale",
+        }
+    }
+}
+
+/// What a request carries.
+#[derive(Debug, Clone, Copy)]
+enum Payload<'a> {
+    /// No body.
+    Empty,
+    /// Raw bytes: a value or a module.
+    Bytes(&'a [u8]),
+    /// A JSON document (`/join`).
+    Json(&'a [u8]),
+}
+
+/// A raw answer: the URL asked, status, body.
+struct Answer {
+    url: String,
+    status: StatusCode,
+    body: Vec<u8>,
+}
+
+/// A client of one cluster. Cheap to share; remembers the leader it found.
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    tls: bool,
+    endpoints: Vec<String>,
+    token: Option<String>,
+    timeout: Duration,
+    leader: Mutex<Option<String>>,
+}
+
+impl Client {
+    /// A client of the cluster at `endpoints` (`host:port`, with or without
+    /// a scheme). With `tls_ca` it talks HTTPS and trusts only that CA;
+    /// `timeout` bounds each call, leader search and retries included.
+    ///
+    /// # Errors
+    /// [`ClientError::Setup`] when there is no endpoint or the CA is unusable.
+    pub fn new(
+        endpoints: &[String],
+        token: Option<String>,
+        tls_ca: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_ca.is_some();
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(|e| crate::tls::base_url(e, tls))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::Setup(
+                "no cluster endpoint given; pass --cluster host:port[,host:port…] or set RAFTWASM_CLUSTER"
+                    .into(),
+            ));
+        }
+        let http = crate::tls::http_client_builder(tls_ca)
+            .map_err(|e| ClientError::Setup(format!("--tls-ca: {e}")))?
+            .timeout(timeout.max(Duration::from_secs(1)))
+            .build()
+            .map_err(|e| ClientError::Setup(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            tls,
+            endpoints,
+            token: token.filter(|t| !t.is_empty()),
+            timeout,
+            leader: Mutex::new(None),
+        })
+    }
+
+    /// The base URL of `addr` with this cluster's scheme.
+    pub fn base_url(&self, addr: &str) -> String {
+        crate::tls::base_url(addr, self.tls)
+    }
+
+    /// The endpoints to try, the remembered leader first.
+    fn candidates(&self) -> Vec<String> {
+        let leader = self.leader.lock().map(|l| l.clone()).unwrap_or_default();
+        leader
+            .into_iter()
+            .chain(self.endpoints.iter().cloned())
+            .collect()
+    }
+
+    fn remember(&self, leader: Option<String>) {
+        if let Ok(mut known) = self.leader.lock() {
+            *known = leader;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: &Method,
+        url: &str,
+        payload: Payload<'_>,
+    ) -> Result<(Answer, Option<String>), reqwest::Error> {
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        match payload {
+            Payload::Empty => {}
+            Payload::Bytes(body) => request = request.body(body.to_vec()),
+            Payload::Json(body) => {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_vec());
+            }
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let leader = response
+            .headers()
+            .get(LEADER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| self.base_url(v));
+        let body = response.bytes().await?.to_vec();
+        Ok((
+            Answer {
+                url: url.to_owned(),
+                status,
+                body,
+            },
+            leader,
+        ))
+    }
+
+    /// Sends `path_and_query` to the leader: tries the endpoints in turn,
+    /// follows a not-leader answer to the leader it names, and asks again
+    /// while there is no leader (503) until the timeout. A request that
+    /// reached a node and failed otherwise is not repeated, so a write is
+    /// never sent twice.
+    async fn leader_call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        payload: Payload<'_>,
+    ) -> Result<Answer, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut last = String::from("nothing tried");
+        loop {
+            let mut queue = self.candidates();
+            let mut hops = 0;
+            while let Some(base) = (!queue.is_empty()).then(|| queue.remove(0)) {
+                let url = format!("{base}{path_and_query}");
+                match self.send_once(&method, &url, payload).await {
+                    Ok((answer, leader)) if answer.status == StatusCode::MISDIRECTED_REQUEST => {
+                        last = format!("{url} is not the leader");
+                        match leader {
+                            Some(leader) if hops < 8 && leader != base => {
+                                hops += 1;
+                                queue.insert(0, leader);
+                            }
+                            _ => self.remember(None),
+                        }
+                    }
+                    Ok((answer, _)) if answer.status == StatusCode::SERVICE_UNAVAILABLE => {
+                        last = format!("{url} answered 503: {}", text(&answer.body));
+                    }
+                    Ok((answer, _)) => {
+                        self.remember(Some(base));
+                        return Ok(answer);
+                    }
+                    Err(error) if error.is_connect() => {
+                        last = format!("cannot connect to {url}: {error}");
+                        self.remember(None);
+                    }
+                    Err(error) => {
+                        return Err(ClientError::Protocol {
+                            url,
+                            message: format!(
+                                "the request failed after it was sent ({error}); a write may \
+                                 have happened, check before retrying"
+                            ),
+                        });
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            if Instant::now() + RETRY_EVERY >= deadline {
+                return Err(ClientError::Unreachable {
+                    timeout: self.timeout,
+                    endpoints: self.endpoints.join(", "),
+                    last,
+                });
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+    }
+
+    /// Sends a request to exactly `base` (no leader search).
+    async fn node_call(&self, base: &str, path_and_query: &str) -> Result<Answer, ClientError> {
+        let url = format!("{base}{path_and_query}");
+        match self.send_once(&Method::GET, &url, Payload::Empty).await {
+            Ok((answer, _)) => Ok(answer),
+            Err(error) => Err(ClientError::Unreachable {
+                timeout: self.timeout,
+                endpoints: base.to_owned(),
+                last: error.to_string(),
+            }),
+        }
+    }
+
+    /// The leader's `/status`: asks any endpoint, then the leader it names.
+    ///
+    /// # Errors
+    /// [`ClientError`] when no leader answers.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        // Every node answers `/status`; the answer names the leader to ask.
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let answer = self
+                .leader_call(Method::GET, "/status", Payload::Empty)
+                .await?;
+            let status: Status = json(ok(answer)?)?;
+            if status.role == Role::Leader {
+                return Ok(status);
+            }
+            let last = match &status.leader_http {
+                Some(leader) => match self.node_status(leader).await {
+                    Ok(led) if led.role == Role::Leader => {
+                        self.remember(Some(self.base_url(leader)));
+                        return Ok(led);
+                    }
+                    Ok(_) => format!("{leader} no longer leads"),
+                    Err(error) => error.to_string(),
+                },
+                None => format!("node {} knows no leader", status.id),
+            };
+            self.remember(None);
+            if Instant::now() + RETRY_EVERY >= deadline {
+                return Err(ClientError::Unreachable {
+                    timeout: self.timeout,
+                    endpoints: self.endpoints.join(", "),
+                    last,
+                });
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+    }
+
+    /// The `/status` of the node at `addr` (`host:port`), whoever leads.
+    ///
+    /// # Errors
+    /// [`ClientError`] when that node does not answer.
+    pub async fn node_status(&self, addr: &str) -> Result<Status, ClientError> {
+        let answer = self.node_call(&self.base_url(addr), "/status").await?;
+        json(ok(answer)?)
+    }
+
+    /// The value of `key`, `None` when it does not exist.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the read cannot be served.
+    pub async fn get(
+        &self,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let path = format!(
+            "/get?key={}&consistency={}",
+            encode(key),
+            consistency.as_str()
+        );
+        match ok(self.leader_call(Method::GET, &path, Payload::Empty).await?) {
+            Ok(body) => Ok(Some(body)),
+            Err(ClientError::NotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Stores `value` under `key`, expiring after `ttl` if given.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the write is refused or its outcome is unknown.
+    pub async fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        let path = format!("/set?key={}{}", encode(key), value_params(value, ttl));
+        ok(self.leader_call(Method::POST, &path, body(value)).await?).map(drop)
+    }
+
+    /// Deletes `key`; `false` when it did not exist.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the write is refused or its outcome is unknown.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
+        let path = format!("/delete?key={}", encode(key));
+        match ok(self
+            .leader_call(Method::POST, &path, Payload::Empty)
+            .await?)
+        {
+            Ok(_) => Ok(true),
+            Err(ClientError::NotFound) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Stores `value` only if the current value is `expected` (or, without
+    /// it, only if the key is absent).
+    ///
+    /// # Errors
+    /// [`ClientError`] when the write is refused or its outcome is unknown.
+    pub async fn cas(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Cas, ClientError> {
+        let mut path = format!("/cas?key={}{}", encode(key), value_params(value, ttl));
+        if let Some(expected) = expected {
+            path.push_str(&format!("&expected={}", encode(expected)));
+        }
+        let answer = self.leader_call(Method::POST, &path, body(value)).await?;
+        if answer.status == StatusCode::CONFLICT {
+            // 409 on /cas: not swapped; the body is the current value.
+            return Ok(Cas::Mismatch(answer.body));
+        }
+        ok(answer).map(|_| Cas::Swapped)
+    }
+
+    /// Adds a node (it must run, so that it can catch up) and makes it a
+    /// voter; returns once it is one.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the leader refuses it or it does not catch up.
+    pub async fn join(&self, request: &JoinRequest) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Setup(e.to_string()))?;
+        ok(self
+            .leader_call(Method::POST, "/join", Payload::Json(&body))
+            .await?)
+        .map(drop)
+    }
+
+    /// Removes member `id`; `false` when it is not a member.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the leader refuses the change.
+    pub async fn remove(&self, id: NodeId) -> Result<bool, ClientError> {
+        let path = format!("/remove?id={id}");
+        match ok(self
+            .leader_call(Method::POST, &path, Payload::Empty)
+            .await?)
+        {
+            Ok(_) => Ok(true),
+            Err(ClientError::NotFound) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Uploads a guest module; every node switches to it at the index of
+    /// the returned record.
+    ///
+    /// # Errors
+    /// [`ClientError`] with the cluster's reason when it refuses the module.
+    pub async fn deploy(&self, module: &[u8], force: bool) -> Result<SwapRecord, ClientError> {
+        let path = format!("/guest?force={force}");
+        json(ok(self
+            .leader_call(Method::POST, &path, Payload::Bytes(module))
+            .await?)?)
+    }
+
+    /// `GET /guest`: the active guest and the history of swaps.
+    ///
+    /// # Errors
+    /// [`ClientError`] when no node answers.
+    pub async fn guest(&self) -> Result<GuestHistory, ClientError> {
+        json(ok(self
+            .leader_call(Method::GET, "/guest", Payload::Empty)
+            .await?)?)
+    }
+
+    /// Polls every member's `/status` until it runs the guest of `record`
+    /// (its hash, from its index on) or `wait` has passed; calls `report`
+    /// with each member's HTTP address and whether it runs the guest.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the member list cannot be read.
+    pub async fn wait_for_guest(
+        &self,
+        record: &SwapRecord,
+        wait: Duration,
+        mut report: impl FnMut(&str, bool),
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + wait;
+        let members = self.status().await?.members;
+        for member in members {
+            let base = self.base_url(&member.http);
+            loop {
+                let running = match self.node_call(&base, "/status").await.and_then(ok) {
+                    Ok(body) => json::<Status>(body)
+                        .ok()
+                        .and_then(|s| s.guest)
+                        .is_some_and(|g| g.hash == record.hash && g.since >= record.index),
+                    Err(_) => false,
+                };
+                if running || Instant::now() >= deadline {
+                    report(&member.http, running);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The body of a successful answer, or the error its status means.
+fn ok(answer: Answer) -> Result<Vec<u8>, ClientError> {
+    let Answer { url, status, body } = answer;
+    match status {
+        s if s.is_success() => Ok(body),
+        StatusCode::NOT_FOUND if body.is_empty() => Err(ClientError::NotFound),
+        s if s.is_client_error() => Err(ClientError::Refused {
+            url,
+            status,
+            message: text(&body),
+        }),
+        _ => Err(ClientError::Failed {
+            url,
+            status,
+            message: text(&body),
+        }),
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(body: Vec<u8>) -> Result<T, ClientError> {
+    serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+        url: String::new(),
+        message: format!("the answer is not what this client expects ({e}); is the node a raftwasm node of this version?"),
+    })
+}
+
+fn text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).trim().to_owned()
+}
+
+/// A value as the body; an empty one goes into the query instead (see
+/// [`value_params`]).
+fn body(value: &[u8]) -> Payload<'_> {
+    if value.is_empty() {
+        Payload::Empty
+    } else {
+        Payload::Bytes(value)
+    }
+}
+
+/// The `value` (in the query only when empty: an empty body reads as no
+/// value) and `ttl` parameters.
+fn value_params(value: &[u8], ttl: Option<Duration>) -> String {
+    let mut params = String::new();
+    if value.is_empty() {
+        params.push_str("&value=");
+    }
+    if let Some(ttl) = ttl {
+        params.push_str(&format!("&ttl_ms={}", ttl.as_millis()));
+    }
+    params
+}
+
+/// Percent-encodes every byte but the unreserved ones, so that any key or
+/// value, binary included, arrives as it was.
+pub fn encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 3);
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_keeps_every_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let encoded = encode(&all);
+        assert!(encoded.is_ascii());
+        assert!(!encoded.contains(['&', '=', '+', ' ', '#']));
+        assert_eq!(encode(b"a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn statuses_map_to_exit_codes() {
+        let answer = |url: &str, status: u16, body: &[u8]| Answer {
+            url: url.to_owned(),
+            status: StatusCode::from_u16(status).expect("a status"),
+            body: body.to_vec(),
+        };
+        let code = |a| ok(a).err().map(|e| e.exit_code());
+        assert_eq!(code(answer("/get?key=a", 404, b"")), Some(1));
+        assert_eq!(code(answer("/set?key=", 400, b"the key is empty")), Some(2));
+        assert_eq!(code(answer("/join", 409, b"taken")), Some(2));
+        assert_eq!(code(answer("/set?key=a", 504, b"unknown")), Some(3));
+        assert_eq!(code(answer("/get?key=a", 200, b"v")), None);
+    }
+}

@@ -1,0 +1,161 @@
+//! The HTTP wire types: what `/status`, `/join`, `/guest` and a not-leader
+//! answer carry, shared by the node, the [`client`](crate::client), the CLI,
+//! the bench and the tests, so that no caller picks JSON apart by string keys.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's id, as in openraft.
+pub type NodeId = u64;
+
+/// The response header that names the leader's base URL
+/// (`http://127.0.0.1:6001`) on a not-leader (421) answer.
+pub const LEADER_HEADER: &str = "x-raft-leader";
+
+/// `GET /status`: one node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// This node's id.
+    pub id: NodeId,
+    /// This node's Raft role.
+    pub role: Role,
+    /// The current term.
+    pub term: u64,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// That leader's HTTP address (`host:port`).
+    pub leader_http: Option<String>,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry this node knows committed.
+    pub committed: Option<u64>,
+    /// Index of the last applied entry.
+    pub applied: Option<u64>,
+    /// Index the current snapshot covers.
+    pub snapshot: Option<u64>,
+    /// Index up to which the log is purged.
+    pub purged: Option<u64>,
+    /// The members of the cluster.
+    pub members: Vec<Member>,
+    /// Whether a joint (two-step) membership change is in progress.
+    pub membership_changing: bool,
+    /// On the leader: the last log index each member is known to hold.
+    pub replication: Option<BTreeMap<NodeId, Option<u64>>>,
+    /// The active guest, once one is installed.
+    pub guest: Option<Guest>,
+    /// SHA-256 over every key and value; only with `?state_hash=true`.
+    pub state_hash: Option<String>,
+}
+
+impl Status {
+    /// The member with `id`, if there is one.
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    /// How many members are voters.
+    pub fn voters(&self) -> usize {
+        self.members.iter().filter(|m| m.voter).count()
+    }
+}
+
+/// A node's Raft role, as openraft names its server states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Leads the cluster: takes writes and replicates them.
+    Leader,
+    /// A voter that follows the leader.
+    Follower,
+    /// A voter asking for votes.
+    Candidate,
+    /// A member that replicates but does not vote.
+    Learner,
+    /// The node is stopping.
+    Shutdown,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// One member, as `/status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member's id.
+    pub id: NodeId,
+    /// Its HTTP address.
+    pub http: String,
+    /// Its peer address.
+    pub raft: String,
+    /// Whether it votes (else it is a learner).
+    pub voter: bool,
+}
+
+/// The active guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guest {
+    /// The guest's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The module's SHA-256, in hex.
+    pub hash: String,
+    /// The log index from which it runs.
+    pub since: u64,
+}
+
+/// What a joining node sends to `POST /join`: its id and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The joining node's id.
+    pub id: NodeId,
+    /// Its HTTP address.
+    pub http: String,
+    /// Its peer address.
+    pub raft: String,
+}
+
+/// One successful guest swap: the answer of `POST /guest`, and an entry of
+/// `GET /guest`'s history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapRecord {
+    /// The log index from which the guest is active.
+    pub index: u64,
+    /// The guest's name.
+    pub name: String,
+    /// The guest's version.
+    pub version: String,
+    /// The module's SHA-256, in hex.
+    pub hash: String,
+    /// Whether the version guard was skipped.
+    pub forced: bool,
+}
+
+/// `GET /guest`: the active guest and every swap so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestHistory {
+    /// The active guest.
+    pub active: Option<Guest>,
+    /// Every swap, oldest first.
+    pub history: Vec<SwapRecord>,
+}
+
+/// The JSON body of a not-leader (421) answer, for a client that sends
+/// `Accept: application/json`; the leader is also in [`LEADER_HEADER`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotLeader {
+    /// Why the node did not serve the request.
+    pub error: String,
+    /// The leader's base URL, when known.
+    pub leader: Option<String>,
+}
