@@ -38,6 +38,8 @@ use crate::runtime::{
 };
 
 const GUEST: u8 = 0x01;
+/// The sled tree that holds the state.
+pub const STATE_TREE: &str = "state";
 const KEY_GUEST_HASH: &[u8] = b"\0guest/hash";
 const KEY_GUEST_MODULE: &[u8] = b"\0guest/module";
 const KEY_GUEST_SINCE: &[u8] = b"\0guest/since";
@@ -158,6 +160,16 @@ impl CommitGate {
         let result = commit();
         self.epoch.fetch_add(1, SeqCst);
         result
+    }
+
+    /// Runs `read` while no commit can start: for reads too long to retry
+    /// (a backup's dump), at the price of holding applies back meanwhile.
+    fn hold<R>(&self, read: impl FnOnce() -> R) -> R {
+        let _shared = self
+            .lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        read()
     }
 
     /// Runs `read` against a state no commit changed while it ran.
@@ -297,18 +309,88 @@ impl StateReader {
     /// # Errors
     /// When sled fails to read.
     pub fn state_hash(&self) -> Result<String, sled::Error> {
-        use sha2::Digest as _;
         self.gate.read(|| {
-            let mut hasher = sha2::Sha256::new();
+            let mut hasher = StateHasher::default();
             for item in self.state.0.range(vec![GUEST]..vec![GUEST + 1]) {
                 let (k, v) = item?;
-                hasher.update((k.len() as u64).to_le_bytes());
-                hasher.update(&k);
-                hasher.update((v.len() as u64).to_le_bytes());
-                hasher.update(&v);
+                hasher.entry(&k, &v);
             }
-            Ok(hex::encode(hasher.finalize()))
+            Ok(hasher.finish())
         })
+    }
+
+    /// Writes every entry of the state tree to a new snapshot file at `path`
+    /// (synced), as of one point between two apply calls: applies wait until
+    /// the dump is done, as they do while a snapshot is built. Returns what a
+    /// backup reports about the dump.
+    ///
+    /// # Errors
+    /// When sled fails to read or the file cannot be written.
+    pub fn dump(&self, path: &Path) -> std::io::Result<Dump> {
+        self.gate.hold(|| {
+            let file = std::fs::File::create(path)?;
+            let mut writer = snapshot_file::Writer::new(file)?;
+            let mut hasher = StateHasher::default();
+            let mut host = HashMap::new();
+            let mut entries = 0;
+            for item in self.state.0.iter() {
+                let (key, value) = item.map_err(io_err)?;
+                writer.entry(&key, &value)?;
+                entries += 1;
+                if key.first() == Some(&GUEST) {
+                    hasher.entry(&key, &value);
+                } else if key == redo::KEY_HEAD || key == KEY_GUEST_HASH {
+                    host.insert(key.to_vec(), value.to_vec());
+                }
+            }
+            writer.finish()?.sync_all()?;
+            let summary = summarize_host_entries(&host).map_err(io_err)?;
+            Ok(Dump {
+                head: summary.head,
+                guest_hash: summary.guest_hash,
+                state_hash: hasher.finish(),
+                entries,
+            })
+        })
+    }
+}
+
+/// What [`StateReader::dump`] wrote.
+#[derive(Debug, Clone)]
+pub struct Dump {
+    /// The redo head: last applied log id and membership.
+    pub head: Option<RedoHead>,
+    /// The active guest's hash.
+    pub guest_hash: Option<String>,
+    /// The state hash `/status?state_hash=true` reports for this state.
+    pub state_hash: String,
+    /// Entries written.
+    pub entries: u64,
+}
+
+/// The state hash: a SHA-256 over every guest entry (keys as stored, with
+/// their namespace byte), fed in key order, lengths first.
+#[derive(Debug, Default)]
+pub struct StateHasher(sha2::Sha256);
+
+impl StateHasher {
+    /// Adds one state-tree entry; host entries are skipped, so a reader of a
+    /// snapshot file can feed it every entry.
+    pub fn entry(&mut self, key: &[u8], value: &[u8]) {
+        use sha2::Digest as _;
+        if key.first() != Some(&GUEST) {
+            return;
+        }
+        self.0.update((key.len() as u64).to_le_bytes());
+        self.0.update(key);
+        self.0.update((value.len() as u64).to_le_bytes());
+        self.0.update(value);
+    }
+
+    /// The hash, in hex.
+    pub fn finish(self) -> String {
+        use sha2::Digest as _;
+        hex::encode(self.0.finalize())
     }
 }
 
@@ -552,31 +634,75 @@ fn check_snapshot(
     let mut reader = snapshot_file::Reader::new(file).map_err(|e| e.to_string())?;
     let mut host: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
     while let Some((key, value)) = reader.next_entry().map_err(|e| e.to_string())? {
-        match key.first() {
-            Some(0) => {
-                host.insert(key, value);
-            }
-            Some(&GUEST) => {}
-            _ => return Err("it holds a key outside the state's layout".into()),
+        if !is_state_key(&key) {
+            return Err("it holds a key outside the state's layout".into());
+        }
+        if is_host_key(&key) {
+            host.insert(key, value);
         }
     }
-    let entries: HashMap<&[u8], &[u8]> = host
-        .iter()
-        .map(|(k, v)| (k.as_slice(), v.as_slice()))
-        .collect();
-    let head: Option<RedoHead> = entries
-        .get(redo::KEY_HEAD)
-        .map(|bytes| rmp_serde::from_slice(bytes))
-        .transpose()
-        .map_err(|e| format!("its redo head does not decode: {e}"))?;
-    let applied = head.as_ref().and_then(|head| head.applied);
+    let summary = check_host_entries(runtime, &host)?;
+    let applied = summary.head.as_ref().and_then(|head| head.applied);
     if applied != meta.last_log_id {
         return Err(format!(
             "its state is applied up to {applied:?}, but it claims {:?}",
             meta.last_log_id
         ));
     }
-    if let Some(head) = &head {
+    Ok(())
+}
+
+/// What the host entries of a state say about it.
+#[derive(Debug, Clone, Default)]
+pub struct HostSummary {
+    /// The redo head: last applied log id and membership.
+    pub head: Option<RedoHead>,
+    /// The active guest's hash.
+    pub guest_hash: Option<String>,
+}
+
+fn summarize_host_entries(host: &HashMap<Vec<u8>, Vec<u8>>) -> Result<HostSummary, String> {
+    let head = host
+        .get(redo::KEY_HEAD)
+        .map(|bytes| rmp_serde::from_slice(bytes))
+        .transpose()
+        .map_err(|e| format!("its redo head does not decode: {e}"))?;
+    let guest_hash = host
+        .get(KEY_GUEST_HASH)
+        .map(|bytes| rmp_serde::from_slice(bytes))
+        .transpose()
+        .map_err(|e| format!("its guest hash does not decode: {e}"))?;
+    Ok(HostSummary { head, guest_hash })
+}
+
+/// Whether `key` may appear in a state tree: a host (`0x00`) or guest
+/// (`0x01`) key.
+pub fn is_state_key(key: &[u8]) -> bool {
+    matches!(key.first(), Some(&(0 | GUEST)))
+}
+
+/// Whether `key` is a host (`0x00`) key, which checks read.
+pub fn is_host_key(key: &[u8]) -> bool {
+    key.first() == Some(&0)
+}
+
+/// Checks the host entries of a state (every `0x00` key, as read from a
+/// snapshot file) as `open` will read them: the redo record (its chunks are
+/// all there and decode), the guest metadata, and that the active guest
+/// loads. Returns the redo head and the guest hash.
+///
+/// # Errors
+/// Why a node could not open this state.
+pub fn check_host_entries(
+    runtime: &GuestRuntime,
+    host: &HashMap<Vec<u8>, Vec<u8>>,
+) -> Result<HostSummary, String> {
+    let summary = summarize_host_entries(host)?;
+    let entries: HashMap<&[u8], &[u8]> = host
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    if let Some(head) = &summary.head {
         let chunks = (0..head.chunks)
             .map(|index| {
                 entries
@@ -599,7 +725,7 @@ fn check_snapshot(
             .load(module)
             .map_err(|e| format!("its active guest does not load: {e}"))?;
     }
-    Ok(())
+    Ok(summary)
 }
 
 /// Writes every entry of `tree` to a new snapshot file at `path`, synced.
@@ -702,7 +828,7 @@ impl StateMachineStore {
         snapshot_dir: &Path,
         runtime: GuestRuntime,
     ) -> Result<Self, typ::StorageError> {
-        let tree = disk.db().open_tree("state").map_err(read_err)?;
+        let tree = disk.db().open_tree(STATE_TREE).map_err(read_err)?;
         let snapshots = disk.db().open_tree("snapshot").map_err(read_err)?;
         let snapshot_dir = SnapshotDir::open(snapshot_dir).map_err(read_err)?;
         convert_inline_snapshot(disk, &snapshots, &snapshot_dir)?;
@@ -1347,6 +1473,26 @@ mod tests {
         assert_eq!(sliced, full);
         // With enough fuel it answers inline, the same way.
         assert_eq!(reader.query_off_runtime(3, &get).await?, full);
+        Ok(())
+    }
+
+    /// A backup's dump is a snapshot file of the whole tree, and reports
+    /// the state hash `/status` does, the applied log id and the guest.
+    #[tokio::test]
+    async fn a_dump_reports_what_status_and_the_snapshot_say() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sm = used_state(&dir).await?;
+        let reader = sm.reader();
+        let path = dir.path().join("dump");
+        let dump = reader.dump(&path)?;
+        assert_eq!(dump.state_hash, reader.state_hash()?);
+        assert_eq!(dump.head.and_then(|head| head.applied), Some(log_id(3)));
+        let active = reader.active().expect("an active guest");
+        assert_eq!(dump.guest_hash.as_deref(), Some(active.module.hash()));
+        let (_, snapshot) = snapshot_of_a_used_state().await?;
+        let dumped = std::fs::read(&path)?;
+        assert_eq!(entries_of(&dumped)?, entries_of(&snapshot)?);
+        assert_eq!(dump.entries as usize, entries_of(&dumped)?.len());
         Ok(())
     }
 
