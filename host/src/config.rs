@@ -27,6 +27,10 @@ pub enum Command {
     /// Manage the cluster's guest.
     #[command(subcommand)]
     Guest(crate::deploy::GuestCommand),
+    /// Save a consistent copy of a running cluster's state to a file.
+    Backup(crate::backup::client::BackupArgs),
+    /// Seed a new data directory from a backup; start it with --bootstrap.
+    Restore(crate::backup::client::RestoreArgs),
 }
 
 /// Everything a node needs to run.

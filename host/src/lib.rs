@@ -7,11 +7,13 @@
 //! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
+//! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
 
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod config;
 pub mod deploy;

@@ -29,6 +29,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Some(Command::Bench(config)) => raftwasm::bench::run(config).await,
             Some(Command::Guest(command)) => raftwasm::deploy::run(command).await,
+            Some(Command::Backup(args)) => raftwasm::backup::client::backup(args).await,
+            Some(Command::Restore(args)) => raftwasm::backup::client::restore(args).await,
             None => {
                 let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
                 let shutdown = async {
