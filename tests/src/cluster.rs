@@ -17,8 +17,9 @@ use crate::certs::TestCa;
 /// How long cluster operations may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// The `raftwasm` binary built with these tests.
-fn binary() -> PathBuf {
+/// The `raftwasm` binary built with these tests, for nodes and for client
+/// subcommands.
+pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/raftwasm
     let path = exe
