@@ -1,5 +1,5 @@
-//! Backups: a consistent point-in-time copy of the replicated state in one
-//! versioned, checksummed file, and seeding a new data directory from one.
+//! Backups: a snapshot of the replicated state wrapped in one versioned,
+//! checksummed file, and seeding a new data directory from one.
 //!
 //! Format (integers little-endian):
 //! ```text
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::raft::snapshot_file::{self, FormatError};
-use crate::raft::state_machine::{self, StateHasher, StateReader};
+use crate::raft::state_machine::{self, StateHasher};
 use crate::raft::typ;
 use crate::runtime::GuestRuntime;
 
@@ -139,8 +139,8 @@ pub enum BackupError {
     Unusable(String),
 }
 
-/// A backup whose header has been read and checked: the header, how many
-/// bytes it took, and the file positioned at the snapshot file.
+/// A backup whose header has been read and checked: the header, and the
+/// file positioned at the snapshot file.
 #[derive(Debug)]
 pub struct Opened {
     /// The checked header.
@@ -207,18 +207,22 @@ pub fn open(path: &Path) -> Result<Opened, BackupError> {
     Ok(Opened { header, file })
 }
 
-/// Reads the whole backup at `path` and checks everything a node will read
-/// from it: the header, the snapshot file (order, count, checksum), that
-/// the state is what the header says (applied log id, guest hash, entry
-/// count, state hash recomputed from the entries), and the checks a
-/// received snapshot gets (the redo record and guest metadata decode, the
-/// active guest loads in `runtime`). Holds only host entries in memory.
-///
-/// # Errors
-/// [`BackupError`] naming what is wrong with the file.
-pub fn verify(path: &Path, runtime: &GuestRuntime) -> Result<BackupHeader, BackupError> {
-    let Opened { header, file } = open(path)?;
-    let mut reader = snapshot_file::Reader::new(file).map_err(BackupError::State)?;
+/// What reading a snapshot file through found.
+#[derive(Debug)]
+struct StateRead {
+    /// Every host entry (the guest's keys are only hashed).
+    host: HashMap<Vec<u8>, Vec<u8>>,
+    /// The state hash.
+    state_hash: String,
+    /// Entries read.
+    entries: u64,
+}
+
+/// Reads the snapshot file in `input` through, checking its order, count,
+/// checksum and key layout, hashing the guest's entries and keeping the
+/// host's.
+fn read_state(input: impl Read) -> Result<StateRead, BackupError> {
+    let mut reader = snapshot_file::Reader::new(input).map_err(BackupError::State)?;
     let mut host = HashMap::new();
     let mut hasher = StateHasher::default();
     let mut entries = 0u64;
@@ -234,8 +238,27 @@ pub fn verify(path: &Path, runtime: &GuestRuntime) -> Result<BackupHeader, Backu
             host.insert(key, value);
         }
     }
+    Ok(StateRead {
+        host,
+        state_hash: hasher.finish(),
+        entries,
+    })
+}
+
+/// Reads the whole backup at `path` and checks everything a node will read
+/// from it: the header, the snapshot file (order, count, checksum), that
+/// the state is what the header says (applied log id, guest hash, entry
+/// count, state hash recomputed from the entries), and the checks a
+/// received snapshot gets (the redo record and guest metadata decode, the
+/// active guest loads in `runtime`). Holds only host entries in memory.
+///
+/// # Errors
+/// [`BackupError`] naming what is wrong with the file.
+pub fn verify(path: &Path, runtime: &GuestRuntime) -> Result<BackupHeader, BackupError> {
+    let Opened { header, file } = open(path)?;
+    let state = read_state(file)?;
     let summary =
-        state_machine::check_host_entries(runtime, &host).map_err(BackupError::Unusable)?;
+        state_machine::check_host_entries(runtime, &state.host).map_err(BackupError::Unusable)?;
     let disagree = |what: &str| {
         Err(BackupError::Unusable(format!(
             "its {what} is not the one its header names"
@@ -247,17 +270,17 @@ pub fn verify(path: &Path, runtime: &GuestRuntime) -> Result<BackupHeader, Backu
     if summary.guest_hash != header.guest_hash {
         return disagree("guest hash");
     }
-    if entries != header.entries {
+    if state.entries != header.entries {
         return disagree("entry count");
     }
-    if hasher.finish() != header.state_hash {
+    if state.state_hash != header.state_hash {
         return disagree("state hash");
     }
     Ok(header)
 }
 
-/// A backup ready to send: its encoded header, and the snapshot file (open,
-/// already unlinked, so it goes away when dropped).
+/// A backup ready to send: its encoded header, and the snapshot file it
+/// wraps (open, at its start).
 #[derive(Debug)]
 pub struct Prepared {
     /// What the backup holds.
@@ -280,31 +303,37 @@ impl Prepared {
     }
 }
 
-/// Dumps the state behind `reader` to `part` (a path in the node's snapshot
-/// directory, which a restart clears of leftovers) as of one point between
-/// two apply calls, and prepares the backup's header from the dump.
+/// Prepares a backup of the snapshot `meta` whose file is `state`: reads it
+/// through once (checking it, and computing the state hash and guest hash
+/// for the header), then rewinds it to be sent. Blocking.
 ///
 /// # Errors
-/// When the state cannot be read or the file written.
-pub fn prepare(reader: &StateReader, part: &Path) -> io::Result<Prepared> {
-    let dumped = reader.dump(part);
-    let opened = dumped.and_then(|dump| Ok((dump, std::fs::File::open(part)?)));
-    // Unlinked at once: the open file stays readable, and nothing is left
-    // behind whatever happens to the response.
-    let removed = std::fs::remove_file(part);
-    let (dump, state) = opened?;
-    removed?;
-    let head = dump.head.unwrap_or_default();
+/// When the file cannot be read or is not the snapshot `meta` describes.
+pub fn prepare(
+    meta: &typ::SnapshotMeta,
+    mut state: std::fs::File,
+) -> Result<Prepared, BackupError> {
+    use std::io::Seek as _;
+    let read = read_state(&mut state)?;
+    let summary =
+        state_machine::summarize_host_entries(&read.host).map_err(BackupError::Unusable)?;
+    if summary.head.as_ref().and_then(|head| head.applied) != meta.last_log_id {
+        return Err(BackupError::Unusable(
+            "the snapshot's state is not applied up to its own log id".into(),
+        ));
+    }
+    let snapshot_bytes = state.seek(io::SeekFrom::End(0))?;
+    state.rewind()?;
     let header = BackupHeader {
         created_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
-        applied: head.applied,
-        membership: head.membership,
-        guest_hash: dump.guest_hash,
-        state_hash: dump.state_hash,
-        entries: dump.entries,
-        snapshot_bytes: state.metadata()?.len(),
+        applied: meta.last_log_id,
+        membership: meta.last_membership.clone(),
+        guest_hash: summary.guest_hash,
+        state_hash: read.state_hash,
+        entries: read.entries,
+        snapshot_bytes,
     };
     let prefix = header.encode()?;
     Ok(Prepared {

@@ -133,6 +133,8 @@ pub struct StateReader {
     active: Arc<RwLock<Option<Arc<ActiveGuest>>>>,
     stats: Arc<ApplyStats>,
     gate: Arc<CommitGate>,
+    snapshots: sled::Tree,
+    snapshot_dir: SnapshotDir,
 }
 
 /// How often a query retries when an apply committed while it ran, before
@@ -160,16 +162,6 @@ impl CommitGate {
         let result = commit();
         self.epoch.fetch_add(1, SeqCst);
         result
-    }
-
-    /// Runs `read` while no commit can start: for reads too long to retry
-    /// (a backup's dump), at the price of holding applies back meanwhile.
-    fn hold<R>(&self, read: impl FnOnce() -> R) -> R {
-        let _shared = self
-            .lock
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        read()
     }
 
     /// Runs `read` against a state no commit changed while it ran.
@@ -319,53 +311,28 @@ impl StateReader {
         })
     }
 
-    /// Writes every entry of the state tree to a new snapshot file at `path`
-    /// (synced), as of one point between two apply calls: applies wait until
-    /// the dump is done, as they do while a snapshot is built. Returns what a
-    /// backup reports about the dump.
+    /// The current snapshot's metadata and its file, open for reading (it
+    /// stays readable even when a newer snapshot replaces it meanwhile).
     ///
     /// # Errors
-    /// When sled fails to read or the file cannot be written.
-    pub fn dump(&self, path: &Path) -> std::io::Result<Dump> {
-        self.gate.hold(|| {
-            let file = std::fs::File::create(path)?;
-            let mut writer = snapshot_file::Writer::new(file)?;
-            let mut hasher = StateHasher::default();
-            let mut host = HashMap::new();
-            let mut entries = 0;
-            for item in self.state.0.iter() {
-                let (key, value) = item.map_err(io_err)?;
-                writer.entry(&key, &value)?;
-                entries += 1;
-                if key.first() == Some(&GUEST) {
-                    hasher.entry(&key, &value);
-                } else if key == redo::KEY_HEAD || key == KEY_GUEST_HASH {
-                    host.insert(key.to_vec(), value.to_vec());
-                }
+    /// When the snapshot record cannot be read or its file opened.
+    pub fn current_snapshot(
+        &self,
+    ) -> Result<Option<(typ::SnapshotMeta, std::fs::File)>, typ::StorageError> {
+        // A newer snapshot may replace the file between reading the record
+        // and opening it; the record read next names the newer one.
+        let mut tries = 0;
+        loop {
+            let Some(stored) = read_meta::<StoredSnapshot>(&self.snapshots, KEY_SNAPSHOT)? else {
+                return Ok(None);
+            };
+            match std::fs::File::open(self.snapshot_dir.path_of(&stored.file)) {
+                Ok(file) => return Ok(Some((stored.meta, file))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 10 => tries += 1,
+                Err(e) => return Err(read_err(e)),
             }
-            writer.finish()?.sync_all()?;
-            let summary = summarize_host_entries(&host).map_err(io_err)?;
-            Ok(Dump {
-                head: summary.head,
-                guest_hash: summary.guest_hash,
-                state_hash: hasher.finish(),
-                entries,
-            })
-        })
+        }
     }
-}
-
-/// What [`StateReader::dump`] wrote.
-#[derive(Debug, Clone)]
-pub struct Dump {
-    /// The redo head: last applied log id and membership.
-    pub head: Option<RedoHead>,
-    /// The active guest's hash.
-    pub guest_hash: Option<String>,
-    /// The state hash `/status?state_hash=true` reports for this state.
-    pub state_hash: String,
-    /// Entries written.
-    pub entries: u64,
 }
 
 /// The state hash: a SHA-256 over every guest entry (keys as stored, with
@@ -661,7 +628,12 @@ pub struct HostSummary {
     pub guest_hash: Option<String>,
 }
 
-fn summarize_host_entries(host: &HashMap<Vec<u8>, Vec<u8>>) -> Result<HostSummary, String> {
+/// Decodes the redo head and guest hash of a state's host entries, without
+/// the rest of [`check_host_entries`].
+///
+/// # Errors
+/// When either does not decode.
+pub fn summarize_host_entries(host: &HashMap<Vec<u8>, Vec<u8>>) -> Result<HostSummary, String> {
     let head = host
         .get(redo::KEY_HEAD)
         .map(|bytes| rmp_serde::from_slice(bytes))
@@ -837,6 +809,8 @@ impl StateMachineStore {
             active: Arc::default(),
             stats: Arc::default(),
             gate: Arc::default(),
+            snapshots: snapshots.clone(),
+            snapshot_dir: snapshot_dir.clone(),
         };
         let mut sm = Self {
             disk: disk.clone(),
@@ -1476,23 +1450,25 @@ mod tests {
         Ok(())
     }
 
-    /// A backup's dump is a snapshot file of the whole tree, and reports
-    /// the state hash `/status` does, the applied log id and the guest.
+    /// The reader opens the snapshot the state machine built last.
     #[tokio::test]
-    async fn a_dump_reports_what_status_and_the_snapshot_say() -> anyhow::Result<()> {
+    async fn the_reader_opens_the_current_snapshot() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let sm = used_state(&dir).await?;
+        let mut sm = used_state(&dir).await?;
         let reader = sm.reader();
-        let path = dir.path().join("dump");
-        let dump = reader.dump(&path)?;
-        assert_eq!(dump.state_hash, reader.state_hash()?);
-        assert_eq!(dump.head.and_then(|head| head.applied), Some(log_id(3)));
-        let active = reader.active().expect("an active guest");
-        assert_eq!(dump.guest_hash.as_deref(), Some(active.module.hash()));
-        let (_, snapshot) = snapshot_of_a_used_state().await?;
-        let dumped = std::fs::read(&path)?;
-        assert_eq!(entries_of(&dumped)?, entries_of(&snapshot)?);
-        assert_eq!(dump.entries as usize, entries_of(&dumped)?.len());
+        assert!(reader.current_snapshot()?.is_none());
+        let built = sm.get_snapshot_builder().await.build_snapshot().await?;
+        let (meta, mut file) = reader
+            .current_snapshot()?
+            .ok_or_else(|| anyhow::anyhow!("no current snapshot"))?;
+        assert_eq!(meta, built.meta);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)?;
+        let mut hasher = StateHasher::default();
+        for (key, value) in entries_of(&bytes)? {
+            hasher.entry(&key, &value);
+        }
+        assert_eq!(hasher.finish(), reader.state_hash()?);
         Ok(())
     }
 
