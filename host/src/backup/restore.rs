@@ -58,7 +58,8 @@ fn is_unused(dir: &Path) -> bool {
 }
 
 /// Checks the whole backup at `backup`, then seeds the data directory `dir`
-/// (missing or empty) from it. Blocking.
+/// (missing or empty) from it. Blocking: call it outside async code (on a
+/// blocking thread, or without a runtime).
 ///
 /// # Errors
 /// [`RestoreError`]; `dir` is left as it was found.
@@ -108,6 +109,7 @@ fn seed(backup: &Path, dir: &Path) -> Result<(), String> {
         if redo::is_record_key(&key) {
             continue;
         }
+        disk.note_write(value.len());
         tree.insert(key, value).map_err(|e| e.to_string())?;
     }
     let head = RedoHead {
@@ -117,7 +119,15 @@ fn seed(backup: &Path, dir: &Path) -> Result<(), String> {
     let head = rmp_serde::to_vec(&head).map_err(|e| e.to_string())?;
     tree.insert(redo::KEY_HEAD, head)
         .map_err(|e| e.to_string())?;
-    disk.db().flush().map_err(|e| e.to_string())?;
+    // Through the disk's own flush, which also syncs the files sled keeps
+    // large items (guest modules) in.
+    let flushed = match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(disk.flush()),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .build()
+            .and_then(|runtime| runtime.block_on(disk.flush())),
+    };
+    flushed.map_err(|e| e.to_string())?;
     drop(tree);
     drop(disk);
     let marker = dir.join(MARKER);
