@@ -35,6 +35,10 @@ pub enum Command {
     /// Add or remove members.
     #[command(subcommand)]
     Member(crate::cli::MemberCommand),
+    /// Save a consistent copy of a running cluster's state to a file.
+    Backup(crate::backup::client::BackupArgs),
+    /// Seed a new data directory from a backup; start it with --bootstrap.
+    Restore(crate::backup::client::RestoreArgs),
 }
 
 impl Command {

@@ -10,11 +10,13 @@
 //! - [`proto`]: the HTTP wire types; [`client`]: a typed client of the API
 //!   that finds the leader itself; [`cli`]: the `kv`, `status` and `member`
 //!   subcommands built on it.
+//! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
 
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -37,6 +37,8 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Kv(command)) => exit(raftwasm::cli::kv(command).await),
             Some(Command::Status(args)) => exit(raftwasm::cli::status(args).await),
             Some(Command::Member(command)) => exit(raftwasm::cli::member(command).await),
+            Some(Command::Backup(args)) => raftwasm::backup::client::backup(args).await,
+            Some(Command::Restore(args)) => raftwasm::backup::client::restore(args).await,
             None => {
                 let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
                 let shutdown = async {

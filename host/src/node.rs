@@ -223,7 +223,16 @@ pub async fn run(
     tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
     tokio::spawn(watch_role(app.clone()));
 
-    if raft.is_initialized().await? {
+    let restored = config.node.join(crate::backup::restore::MARKER).exists();
+    let initialized = raft.is_initialized().await?;
+    if restored && !initialized && !config.bootstrap {
+        anyhow::bail!(
+            "{} was restored from a backup; start it with --bootstrap to found a new cluster \
+             serving that state (other nodes then join it)",
+            config.node.display()
+        );
+    }
+    if initialized {
         tracing::info!("data directory holds a cluster member; rejoining as before");
     } else if config.bootstrap {
         tracing::info!("bootstrapping a new single-node cluster");
@@ -237,6 +246,9 @@ pub async fn run(
     }
     if config.bootstrap {
         tokio::spawn(install_first_guest(app.clone(), bootstrap_guest));
+    }
+    if restored {
+        tokio::spawn(finish_restore(app.clone()));
     }
     if let Some(join) = config.join.clone() {
         tokio::spawn(join_cluster(app.clone(), join));
@@ -311,6 +323,78 @@ async fn watch_role(app: Arc<App>) {
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Whether this node was restored from a backup and has not yet taken the
+/// snapshot that later members must receive; it admits no member until then.
+pub fn finishing_restore(app: &App) -> bool {
+    app.config
+        .node
+        .join(crate::backup::restore::MARKER)
+        .exists()
+}
+
+/// Waits until openraft's metrics satisfy `done`, returning what it returns.
+async fn wait_metrics<T>(
+    app: &App,
+    mut done: impl FnMut(&openraft::RaftMetrics<NodeId, NodeInfo>) -> Option<T>,
+) -> Option<T> {
+    let mut metrics = app.raft.metrics();
+    loop {
+        if let Some(value) = done(&metrics.borrow_and_update()) {
+            return Some(value);
+        }
+        metrics.changed().await.ok()?;
+    }
+}
+
+/// On a node founded from a restored data directory: once it leads and has
+/// applied its first entries, takes a snapshot of the restored state and
+/// purges the log before it, so that a member that joins later receives
+/// that snapshot instead of replaying a log that does not hold the
+/// restored state. Then removes the marker, which lets members join.
+async fn finish_restore(app: Arc<App>) {
+    let id = app.id;
+    let Some(applied) = wait_metrics(&app, |m| {
+        (m.current_leader == Some(id))
+            .then_some(m.last_applied)
+            .flatten()
+            .map(|log_id| log_id.index)
+    })
+    .await
+    else {
+        return;
+    };
+    if let Err(error) = app.raft.trigger().snapshot().await {
+        tracing::error!(%error, "cannot snapshot the restored state");
+        return;
+    }
+    let covered =
+        |log_id: Option<openraft::LogId<NodeId>>| log_id.is_some_and(|l| l.index >= applied);
+    if wait_metrics(&app, |m| covered(m.snapshot).then_some(()))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    if let Err(error) = app.raft.trigger().purge_log(applied).await {
+        tracing::error!(%error, "cannot purge the log before the restored state's snapshot");
+        return;
+    }
+    if wait_metrics(&app, |m| covered(m.purged).then_some(()))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let marker = app.config.node.join(crate::backup::restore::MARKER);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => tracing::info!(
+            index = applied,
+            "the restored state is snapshotted; other nodes may join"
+        ),
+        Err(error) => tracing::error!(%error, "cannot remove the restore marker"),
     }
 }
 

@@ -18,7 +18,8 @@ use crate::certs::TestCa;
 /// How long cluster operations may take before a test gives up.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// The `raftwasm` binary built with these tests.
+/// The `raftwasm` binary built with these tests, for nodes and for client
+/// subcommands.
 ///
 /// # Panics
 /// When it has not been built.

@@ -56,6 +56,13 @@ pub async fn join(
     if !app.is_leader() {
         return Err(not_leader(&app));
     }
+    if crate::node::finishing_restore(&app) {
+        return Err(ApiError::Unavailable(
+            "this node was restored from a backup and is still taking its first snapshot; \
+             retry shortly"
+                .into(),
+        ));
+    }
     let node = NodeInfo {
         api_addr: request.http.clone(),
         raft_addr: request.raft.clone(),

@@ -1,7 +1,8 @@
 //! The HTTP API on `--http`, grouped by audience:
 //! - [`kv`]: clients — `/set`, `/get`, `/delete`, `/cas`, `/apply`, `/query`;
 //! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
-//!   and `/read_index` for followers' linearizable reads.
+//!   and `/read_index` for followers' linearizable reads;
+//! - [`backup`]: operators — `GET /backup`.
 //!
 //! State-changing requests from a foreign browser origin are refused before
 //! routing (see `origin`).
@@ -20,6 +21,7 @@ use crate::node::App;
 use crate::raft::batcher::WriteError;
 use crate::raft::read_barrier::ReadError;
 
+pub mod backup;
 pub mod cluster;
 pub mod guest;
 mod kv;
@@ -52,6 +54,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/status", get(cluster::status))
         .route("/metrics", get(cluster::metrics))
         .route("/read_index", get(cluster::read_index))
+        .route("/backup", get(backup::backup))
         .route(
             "/guest",
             get(guest::show)

@@ -67,6 +67,11 @@ pub fn is_head(key: &[u8]) -> bool {
     key == KEY_HEAD
 }
 
+/// Whether `key` belongs to the redo record at all: its head or a chunk.
+pub fn is_record_key(key: &[u8]) -> bool {
+    key.starts_with(CHUNK_PREFIX)
+}
+
 /// The key of chunk `index` of record `seq`.
 pub fn chunk_key(seq: u64, index: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(CHUNK_PREFIX.len() + 6);

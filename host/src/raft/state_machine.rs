@@ -38,6 +38,8 @@ use crate::runtime::{
 };
 
 const GUEST: u8 = 0x01;
+/// The sled tree that holds the state.
+pub const STATE_TREE: &str = "state";
 const KEY_GUEST_HASH: &[u8] = b"\0guest/hash";
 const KEY_GUEST_MODULE: &[u8] = b"\0guest/module";
 const KEY_GUEST_SINCE: &[u8] = b"\0guest/since";
@@ -131,6 +133,8 @@ pub struct StateReader {
     active: Arc<RwLock<Option<Arc<ActiveGuest>>>>,
     stats: Arc<ApplyStats>,
     gate: Arc<CommitGate>,
+    snapshots: sled::Tree,
+    snapshot_dir: SnapshotDir,
 }
 
 /// How often a query retries when an apply committed while it ran, before
@@ -297,18 +301,63 @@ impl StateReader {
     /// # Errors
     /// When sled fails to read.
     pub fn state_hash(&self) -> Result<String, sled::Error> {
-        use sha2::Digest as _;
         self.gate.read(|| {
-            let mut hasher = sha2::Sha256::new();
+            let mut hasher = StateHasher::default();
             for item in self.state.0.range(vec![GUEST]..vec![GUEST + 1]) {
                 let (k, v) = item?;
-                hasher.update((k.len() as u64).to_le_bytes());
-                hasher.update(&k);
-                hasher.update((v.len() as u64).to_le_bytes());
-                hasher.update(&v);
+                hasher.entry(&k, &v);
             }
-            Ok(hex::encode(hasher.finalize()))
+            Ok(hasher.finish())
         })
+    }
+
+    /// The current snapshot's metadata and its file, open for reading (it
+    /// stays readable even when a newer snapshot replaces it meanwhile).
+    ///
+    /// # Errors
+    /// When the snapshot record cannot be read or its file opened.
+    pub fn current_snapshot(
+        &self,
+    ) -> Result<Option<(typ::SnapshotMeta, std::fs::File)>, typ::StorageError> {
+        // A newer snapshot may replace the file between reading the record
+        // and opening it; the record read next names the newer one.
+        let mut tries = 0;
+        loop {
+            let Some(stored) = read_meta::<StoredSnapshot>(&self.snapshots, KEY_SNAPSHOT)? else {
+                return Ok(None);
+            };
+            match std::fs::File::open(self.snapshot_dir.path_of(&stored.file)) {
+                Ok(file) => return Ok(Some((stored.meta, file))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 10 => tries += 1,
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+    }
+}
+
+/// The state hash: a SHA-256 over every guest entry (keys as stored, with
+/// their namespace byte), fed in key order, lengths first.
+#[derive(Debug, Default)]
+pub struct StateHasher(sha2::Sha256);
+
+impl StateHasher {
+    /// Adds one state-tree entry; host entries are skipped, so a reader of a
+    /// snapshot file can feed it every entry.
+    pub fn entry(&mut self, key: &[u8], value: &[u8]) {
+        use sha2::Digest as _;
+        if key.first() != Some(&GUEST) {
+            return;
+        }
+        self.0.update((key.len() as u64).to_le_bytes());
+        self.0.update(key);
+        self.0.update((value.len() as u64).to_le_bytes());
+        self.0.update(value);
+    }
+
+    /// The hash, in hex.
+    pub fn finish(self) -> String {
+        use sha2::Digest as _;
+        hex::encode(self.0.finalize())
     }
 }
 
@@ -543,31 +592,80 @@ fn check_snapshot(
     let mut reader = snapshot_file::Reader::new(file).map_err(|e| e.to_string())?;
     let mut host: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
     while let Some((key, value)) = reader.next_entry().map_err(|e| e.to_string())? {
-        match key.first() {
-            Some(0) => {
-                host.insert(key, value);
-            }
-            Some(&GUEST) => {}
-            _ => return Err("it holds a key outside the state's layout".into()),
+        if !is_state_key(&key) {
+            return Err("it holds a key outside the state's layout".into());
+        }
+        if is_host_key(&key) {
+            host.insert(key, value);
         }
     }
-    let entries: HashMap<&[u8], &[u8]> = host
-        .iter()
-        .map(|(k, v)| (k.as_slice(), v.as_slice()))
-        .collect();
-    let head: Option<RedoHead> = entries
-        .get(redo::KEY_HEAD)
-        .map(|bytes| rmp_serde::from_slice(bytes))
-        .transpose()
-        .map_err(|e| format!("its redo head does not decode: {e}"))?;
-    let applied = head.as_ref().and_then(|head| head.applied);
+    let summary = check_host_entries(runtime, &host)?;
+    let applied = summary.head.as_ref().and_then(|head| head.applied);
     if applied != meta.last_log_id {
         return Err(format!(
             "its state is applied up to {applied:?}, but it claims {:?}",
             meta.last_log_id
         ));
     }
-    if let Some(head) = &head {
+    Ok(())
+}
+
+/// What the host entries of a state say about it.
+#[derive(Debug, Clone, Default)]
+pub struct HostSummary {
+    /// The redo head: last applied log id and membership.
+    pub head: Option<RedoHead>,
+    /// The active guest's hash.
+    pub guest_hash: Option<String>,
+}
+
+/// Decodes the redo head and guest hash of a state's host entries, without
+/// the rest of [`check_host_entries`].
+///
+/// # Errors
+/// When either does not decode.
+pub fn summarize_host_entries(host: &HashMap<Vec<u8>, Vec<u8>>) -> Result<HostSummary, String> {
+    let head = host
+        .get(redo::KEY_HEAD)
+        .map(|bytes| rmp_serde::from_slice(bytes))
+        .transpose()
+        .map_err(|e| format!("its redo head does not decode: {e}"))?;
+    let guest_hash = host
+        .get(KEY_GUEST_HASH)
+        .map(|bytes| rmp_serde::from_slice(bytes))
+        .transpose()
+        .map_err(|e| format!("its guest hash does not decode: {e}"))?;
+    Ok(HostSummary { head, guest_hash })
+}
+
+/// Whether `key` may appear in a state tree: a host (`0x00`) or guest
+/// (`0x01`) key.
+pub fn is_state_key(key: &[u8]) -> bool {
+    matches!(key.first(), Some(&(0 | GUEST)))
+}
+
+/// Whether `key` is a host (`0x00`) key, which checks read.
+pub fn is_host_key(key: &[u8]) -> bool {
+    key.first() == Some(&0)
+}
+
+/// Checks the host entries of a state (every `0x00` key, as read from a
+/// snapshot file) as `open` will read them: the redo record (its chunks are
+/// all there and decode), the guest metadata, and that the active guest
+/// loads. Returns the redo head and the guest hash.
+///
+/// # Errors
+/// Why a node could not open this state.
+pub fn check_host_entries(
+    runtime: &GuestRuntime,
+    host: &HashMap<Vec<u8>, Vec<u8>>,
+) -> Result<HostSummary, String> {
+    let summary = summarize_host_entries(host)?;
+    let entries: HashMap<&[u8], &[u8]> = host
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    if let Some(head) = &summary.head {
         let chunks = (0..head.chunks)
             .map(|index| {
                 entries
@@ -590,7 +688,7 @@ fn check_snapshot(
             .load(module)
             .map_err(|e| format!("its active guest does not load: {e}"))?;
     }
-    Ok(())
+    Ok(summary)
 }
 
 /// Writes every entry of `tree` to a new snapshot file at `path`, synced.
@@ -718,7 +816,7 @@ impl StateMachineStore {
         snapshot_dir: &Path,
         runtime: GuestRuntime,
     ) -> Result<Self, typ::StorageError> {
-        let tree = disk.db().open_tree("state").map_err(read_err)?;
+        let tree = disk.db().open_tree(STATE_TREE).map_err(read_err)?;
         let snapshots = disk.db().open_tree("snapshot").map_err(read_err)?;
         let snapshot_dir = SnapshotDir::open(snapshot_dir).map_err(read_err)?;
         convert_inline_snapshot(disk, &snapshots, &snapshot_dir)?;
@@ -727,6 +825,8 @@ impl StateMachineStore {
             active: Arc::default(),
             stats: Arc::default(),
             gate: Arc::default(),
+            snapshots: snapshots.clone(),
+            snapshot_dir: snapshot_dir.clone(),
         };
         let mut sm = Self {
             disk: disk.clone(),
@@ -1359,6 +1459,28 @@ mod tests {
         assert_eq!(sliced, full);
         // With enough fuel it answers inline, the same way.
         assert_eq!(reader.query_off_runtime(3, &get).await?, full);
+        Ok(())
+    }
+
+    /// The reader opens the snapshot the state machine built last.
+    #[tokio::test]
+    async fn the_reader_opens_the_current_snapshot() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut sm = used_state(&dir).await?;
+        let reader = sm.reader();
+        assert!(reader.current_snapshot()?.is_none());
+        let built = sm.get_snapshot_builder().await.build_snapshot().await?;
+        let (meta, mut file) = reader
+            .current_snapshot()?
+            .ok_or_else(|| anyhow::anyhow!("no current snapshot"))?;
+        assert_eq!(meta, built.meta);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)?;
+        let mut hasher = StateHasher::default();
+        for (key, value) in entries_of(&bytes)? {
+            hasher.entry(&key, &value);
+        }
+        assert_eq!(hasher.finish(), reader.state_hash()?);
         Ok(())
     }
 

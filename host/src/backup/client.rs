@@ -1,0 +1,183 @@
+//! `raftwasm backup`: saves a running cluster's state to a file;
+//! `raftwasm restore`: seeds a new data directory from one.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use tokio::io::AsyncWriteExt as _;
+
+use super::BackupHeader;
+use crate::runtime::{GuestRuntime, Limits};
+
+/// `raftwasm backup`.
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// HTTP addresses of cluster members, comma-separated; the leader serves
+    /// the backup, and a follower's hint leads to it.
+    #[arg(long, default_value = "127.0.0.1:6000", value_delimiter = ',')]
+    pub cluster: Vec<String>,
+    /// The file to write (replaced only once the new backup is whole and
+    /// checked).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    /// The cluster token, if the cluster has one.
+    #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA bundle (PEM) of a TLS cluster: talk HTTPS, trusting only it.
+    #[arg(long, env = "RAFTWASM_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// `raftwasm restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The backup file, from `raftwasm backup`.
+    pub file: PathBuf,
+    /// The new node's data directory: must be missing or empty. Start the
+    /// node on it with `--bootstrap` afterwards.
+    #[arg(long, value_name = "DIR")]
+    pub node: PathBuf,
+}
+
+/// Prints what a backup holds.
+fn describe(header: &BackupHeader) -> String {
+    format!(
+        "log index {} ({} entries), state hash {}, guest {}",
+        header.index(),
+        header.entries,
+        header.state_hash,
+        header.guest_hash.as_deref().unwrap_or("none"),
+    )
+}
+
+/// Downloads a backup from the first member that serves one (following a
+/// follower's leader hint) to `part`. Returns the URL it came from.
+async fn download(args: &BackupArgs, part: &Path) -> anyhow::Result<String> {
+    let tls = args.tls_ca.is_some();
+    let client = crate::tls::http_client_builder(args.tls_ca.as_deref())?.build()?;
+    let mut targets: Vec<String> = args.cluster.clone();
+    let mut failures = Vec::new();
+    let mut tried = 0;
+    while tried < targets.len() && tried < 16 {
+        let url = format!("{}/backup", crate::tls::base_url(&targets[tried], tls));
+        tried += 1;
+        let mut request = client.get(&url);
+        if let Some(token) = &args.token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                failures.push(format!("{url}: {error}"));
+                continue;
+            }
+        };
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            bail!("{url} refused the backup (401): pass the cluster's --token");
+        }
+        if !status.is_success() {
+            let leader = response
+                .headers()
+                .get(crate::api::LEADER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let text = response.text().await.unwrap_or_default();
+            if let Some(leader) = leader
+                && !targets.contains(&leader)
+            {
+                targets.insert(tried, leader);
+            }
+            failures.push(format!("{url}: {status}: {text}"));
+            continue;
+        }
+        let mut out = tokio::fs::File::create(part)
+            .await
+            .with_context(|| format!("cannot create {}", part.display()))?;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .with_context(|| format!("the backup from {url} broke off"))?
+        {
+            out.write_all(&chunk)
+                .await
+                .with_context(|| format!("cannot write {}", part.display()))?;
+        }
+        out.flush().await?;
+        out.sync_all()
+            .await
+            .with_context(|| format!("cannot sync {}", part.display()))?;
+        return Ok(url);
+    }
+    bail!(
+        "no member served a backup; check --cluster and that the cluster has a leader:\n  {}",
+        failures.join("\n  ")
+    )
+}
+
+/// Runs `raftwasm backup`: streams the leader's backup to `FILE.part`,
+/// syncs it, checks it whole, and renames it to `FILE`.
+///
+/// # Errors
+/// When no member serves a backup, or what arrived is not a whole backup.
+pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut part = args.output.clone().into_os_string();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let result = async {
+        let url = download(&args, &part).await?;
+        let checked = {
+            let part = part.clone();
+            tokio::task::spawn_blocking(move || {
+                let runtime = GuestRuntime::new(Limits::default(), None)?;
+                anyhow::Ok(super::verify(&part, &runtime))
+            })
+            .await??
+        };
+        let header = checked.map_err(|e| {
+            anyhow::anyhow!("the backup from {url} is not whole ({e}); take it again")
+        })?;
+        tokio::fs::rename(&part, &args.output)
+            .await
+            .with_context(|| format!("cannot move the backup to {}", args.output.display()))?;
+        anyhow::Ok((url, header))
+    }
+    .await;
+    let (url, header) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(error);
+        }
+    };
+    let size = std::fs::metadata(&args.output).map_or(0, |m| m.len());
+    println!(
+        "backup of {url} written to {}: {}; {size} bytes in {:.0} ms",
+        args.output.display(),
+        describe(&header),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Runs `raftwasm restore`: checks the whole file, then seeds the data
+/// directory.
+///
+/// # Errors
+/// When the directory is in use or the file is not a usable backup; nothing
+/// is written then.
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let (file, node) = (args.file.clone(), args.node.clone());
+    let header =
+        tokio::task::spawn_blocking(move || super::restore::restore(&file, &node)).await??;
+    println!(
+        "restored {} into {}: {}\nstart it with: raftwasm --node {} --bootstrap --http HOST:PORT --raft HOST:PORT",
+        args.file.display(),
+        args.node.display(),
+        describe(&header),
+        args.node.display(),
+    );
+    Ok(())
+}
