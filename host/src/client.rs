@@ -204,16 +204,23 @@ impl Client {
         }
     }
 
-    async fn send_once(
+    /// Sends one request to `url` and returns the answer before its body is
+    /// read, with the leader it names (if any). `timeout` replaces the
+    /// client's for this request.
+    async fn send(
         &self,
         method: &Method,
         url: &str,
         payload: Payload<'_>,
-    ) -> Result<(Answer, Option<String>), reqwest::Error> {
+        timeout: Option<Duration>,
+    ) -> Result<(reqwest::Response, Option<String>), reqwest::Error> {
         let mut request = self
             .http
             .request(method.clone(), url)
             .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -227,12 +234,23 @@ impl Client {
             }
         }
         let response = request.send().await?;
-        let status = response.status();
         let leader = response
             .headers()
             .get(LEADER_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(|v| self.base_url(v));
+        Ok((response, leader))
+    }
+
+    /// [`Self::send`], with the whole body read.
+    async fn send_once(
+        &self,
+        method: &Method,
+        url: &str,
+        payload: Payload<'_>,
+    ) -> Result<(Answer, Option<String>), reqwest::Error> {
+        let (response, leader) = self.send(method, url, payload, None).await?;
+        let status = response.status();
         let body = response.bytes().await?.to_vec();
         Ok((
             Answer {
@@ -255,6 +273,72 @@ impl Client {
         path_and_query: &str,
         payload: Payload<'_>,
     ) -> Result<Answer, ClientError> {
+        let (url, response) = self
+            .leader_response(method, path_and_query, payload, None)
+            .await?;
+        let status = response.status();
+        match response.bytes().await {
+            Ok(body) => Ok(Answer {
+                url,
+                status,
+                body: body.to_vec(),
+            }),
+            Err(error) => Err(ClientError::Protocol {
+                url,
+                message: format!(
+                    "the answer broke off ({error}); a write may have happened, check before \
+                     retrying"
+                ),
+            }),
+        }
+    }
+
+    /// Streams the leader's answer to `GET path_and_query` into `out`, with
+    /// `timeout` for the whole transfer. Returns the URL it came from.
+    ///
+    /// # Errors
+    /// [`ClientError`] when no leader answers, the leader refuses, or the
+    /// transfer breaks off; `out` then holds part of the answer.
+    pub async fn download(
+        &self,
+        path_and_query: &str,
+        timeout: Duration,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Result<String, ClientError> {
+        use tokio::io::AsyncWriteExt as _;
+        let (url, mut response) = self
+            .leader_response(Method::GET, path_and_query, Payload::Empty, Some(timeout))
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(refusal(url, status, &body));
+        }
+        let broke_off = |message: String| ClientError::Protocol {
+            url: url.clone(),
+            message,
+        };
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| broke_off(format!("the answer broke off: {e}")))?
+        {
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| broke_off(format!("cannot write what arrived: {e}")))?;
+        }
+        Ok(url)
+    }
+
+    /// Sends `path_and_query` to the leader (see [`Self::leader_call`]) and
+    /// returns its answer before the body is read.
+    async fn leader_response(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        payload: Payload<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<(String, reqwest::Response), ClientError> {
         let deadline = Instant::now() + self.timeout;
         let mut last = String::from("nothing tried");
         loop {
@@ -262,8 +346,8 @@ impl Client {
             let mut hops = 0;
             while let Some(base) = (!queue.is_empty()).then(|| queue.remove(0)) {
                 let url = format!("{base}{path_and_query}");
-                match self.send_once(&method, &url, payload).await {
-                    Ok((answer, leader)) if answer.status == StatusCode::MISDIRECTED_REQUEST => {
+                match self.send(&method, &url, payload, timeout).await {
+                    Ok((answer, leader)) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
                         last = format!("{url} is not the leader");
                         match leader {
                             Some(leader) if hops < 8 && leader != base => {
@@ -273,12 +357,13 @@ impl Client {
                             _ => self.remember(None),
                         }
                     }
-                    Ok((answer, _)) if answer.status == StatusCode::SERVICE_UNAVAILABLE => {
-                        last = format!("{url} answered 503: {}", text(&answer.body));
+                    Ok((answer, _)) if answer.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                        let body = answer.bytes().await.unwrap_or_default();
+                        last = format!("{url} answered 503: {}", text(&body));
                     }
                     Ok((answer, _)) => {
                         self.remember(Some(base));
-                        return Ok(answer);
+                        return Ok((url, answer));
                     }
                     Err(error) if error.is_connect() => {
                         last = format!("cannot connect to {url}: {error}");
@@ -533,19 +618,27 @@ impl Client {
 /// The body of a successful answer, or the error its status means.
 fn ok(answer: Answer) -> Result<Vec<u8>, ClientError> {
     let Answer { url, status, body } = answer;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(refusal(url, status, &body))
+    }
+}
+
+/// The error an unsuccessful answer means.
+fn refusal(url: String, status: StatusCode, body: &[u8]) -> ClientError {
     match status {
-        s if s.is_success() => Ok(body),
-        StatusCode::NOT_FOUND if body.is_empty() => Err(ClientError::NotFound),
-        s if s.is_client_error() => Err(ClientError::Refused {
+        StatusCode::NOT_FOUND if body.is_empty() => ClientError::NotFound,
+        s if s.is_client_error() => ClientError::Refused {
             url,
             status,
-            message: text(&body),
-        }),
-        _ => Err(ClientError::Failed {
+            message: text(body),
+        },
+        _ => ClientError::Failed {
             url,
             status,
-            message: text(&body),
-        }),
+            message: text(body),
+        },
     }
 }
 

@@ -2,12 +2,13 @@
 //! `raftwasm restore`: seeds a new data directory from one.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::io::AsyncWriteExt as _;
 
 use super::BackupHeader;
+use crate::client::{Client, ClientError};
 use crate::runtime::{GuestRuntime, Limits};
 
 /// `raftwasm backup`.
@@ -15,7 +16,12 @@ use crate::runtime::{GuestRuntime, Limits};
 pub struct BackupArgs {
     /// HTTP addresses of cluster members, comma-separated; the leader serves
     /// the backup, and a follower's hint leads to it.
-    #[arg(long, default_value = "127.0.0.1:6000", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "RAFTWASM_CLUSTER",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:6000"
+    )]
     pub cluster: Vec<String>,
     /// The file to write (replaced only once the new backup is whole and
     /// checked).
@@ -51,69 +57,38 @@ fn describe(header: &BackupHeader) -> String {
     )
 }
 
-/// Downloads a backup from the first member that serves one (following a
-/// follower's leader hint) to `part`. Returns the URL it came from.
+/// How long a whole backup download may take.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// How long finding the leader may take before the download starts.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Downloads the leader's backup to `part`, synced. Returns the URL it came
+/// from.
 async fn download(args: &BackupArgs, part: &Path) -> anyhow::Result<String> {
-    let tls = args.tls_ca.is_some();
-    let client = crate::tls::http_client_builder(args.tls_ca.as_deref())?.build()?;
-    let mut targets: Vec<String> = args.cluster.clone();
-    let mut failures = Vec::new();
-    let mut tried = 0;
-    while tried < targets.len() && tried < 16 {
-        let url = format!("{}/backup", crate::tls::base_url(&targets[tried], tls));
-        tried += 1;
-        let mut request = client.get(&url);
-        if let Some(token) = &args.token {
-            request = request.bearer_auth(token);
-        }
-        let mut response = match request.send().await {
-            Ok(response) => response,
-            Err(error) => {
-                failures.push(format!("{url}: {error}"));
-                continue;
+    let client = Client::new(
+        &args.cluster,
+        args.token.clone(),
+        args.tls_ca.as_deref(),
+        LEADER_TIMEOUT,
+    )?;
+    let mut out = tokio::fs::File::create(part)
+        .await
+        .with_context(|| format!("cannot create {}", part.display()))?;
+    let url = client
+        .download("/backup", DOWNLOAD_TIMEOUT, &mut out)
+        .await
+        .map_err(|error| match error {
+            ClientError::Refused { status, .. } if status == reqwest::StatusCode::UNAUTHORIZED => {
+                anyhow::anyhow!("{error}; pass the cluster's --token")
             }
-        };
-        let status = response.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED {
-            bail!("{url} refused the backup (401): pass the cluster's --token");
-        }
-        if !status.is_success() {
-            let leader = response
-                .headers()
-                .get(crate::api::LEADER_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let text = response.text().await.unwrap_or_default();
-            if let Some(leader) = leader
-                && !targets.contains(&leader)
-            {
-                targets.insert(tried, leader);
-            }
-            failures.push(format!("{url}: {status}: {text}"));
-            continue;
-        }
-        let mut out = tokio::fs::File::create(part)
-            .await
-            .with_context(|| format!("cannot create {}", part.display()))?;
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .with_context(|| format!("the backup from {url} broke off"))?
-        {
-            out.write_all(&chunk)
-                .await
-                .with_context(|| format!("cannot write {}", part.display()))?;
-        }
-        out.flush().await?;
-        out.sync_all()
-            .await
-            .with_context(|| format!("cannot sync {}", part.display()))?;
-        return Ok(url);
-    }
-    bail!(
-        "no member served a backup; check --cluster and that the cluster has a leader:\n  {}",
-        failures.join("\n  ")
-    )
+            other => anyhow::anyhow!("no backup: {other}"),
+        })?;
+    out.flush().await?;
+    out.sync_all()
+        .await
+        .with_context(|| format!("cannot sync {}", part.display()))?;
+    Ok(url)
 }
 
 /// Runs `raftwasm backup`: streams the leader's backup to `FILE.part`,
