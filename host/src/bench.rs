@@ -128,7 +128,7 @@ async fn workload_row(
             let url = format!("{base}/{path}");
             let keys = config.keys;
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
+                let mut latencies = latency_histogram();
                 let mut errors = 0u64;
                 let mut n = worker;
                 while Instant::now() < deadline {
@@ -142,7 +142,7 @@ async fn workload_row(
                         Err(_) => false,
                     };
                     if ok {
-                        latencies.push(start.elapsed());
+                        latencies.saturating_record(start.elapsed().as_micros() as u64);
                     } else {
                         errors += 1;
                     }
@@ -152,26 +152,31 @@ async fn workload_row(
         })
         .collect();
     let started = Instant::now();
-    let mut latencies = Vec::new();
+    let mut latencies = latency_histogram();
     let mut errors = 0;
     for task in tasks {
         let (l, e) = task.await.context("a bench worker failed")?;
-        latencies.extend(l);
+        latencies
+            .add(&l)
+            .context("merging the workers' latency histograms")?;
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+    let ms = |micros: u64| micros as f64 / 1e3;
     println!(
         "{workload:<18} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {errors:>8}",
         latencies.len() as f64 / elapsed,
-        pct(0.50),
-        pct(0.99),
-        latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        ms(latencies.value_at_quantile(0.50)),
+        ms(latencies.value_at_quantile(0.99)),
+        ms(latencies.max()),
     );
     Ok(())
+}
+
+/// A latency histogram in microseconds, from 1 µs to 10 minutes with three
+/// significant digits: fixed memory however long the run, unlike keeping
+/// every sample. Longer latencies are counted at the top.
+fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+        .expect("constant histogram bounds are valid")
 }
