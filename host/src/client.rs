@@ -198,6 +198,15 @@ impl Client {
             .collect()
     }
 
+    /// No leader answered within the timeout; `last` is the last failure.
+    fn unreachable(&self, last: String) -> ClientError {
+        ClientError::Unreachable {
+            timeout: self.timeout,
+            endpoints: self.endpoints.join(", "),
+            last,
+        }
+    }
+
     fn remember(&self, leader: Option<String>) {
         if let Ok(mut known) = self.leader.lock() {
             *known = leader;
@@ -384,11 +393,7 @@ impl Client {
                 }
             }
             if Instant::now() + RETRY_EVERY >= deadline {
-                return Err(ClientError::Unreachable {
-                    timeout: self.timeout,
-                    endpoints: self.endpoints.join(", "),
-                    last,
-                });
+                return Err(self.unreachable(last));
             }
             tokio::time::sleep(RETRY_EVERY).await;
         }
@@ -435,11 +440,7 @@ impl Client {
             };
             self.remember(None);
             if Instant::now() + RETRY_EVERY >= deadline {
-                return Err(ClientError::Unreachable {
-                    timeout: self.timeout,
-                    endpoints: self.endpoints.join(", "),
-                    last,
-                });
+                return Err(self.unreachable(last));
             }
             tokio::time::sleep(RETRY_EVERY).await;
         }

@@ -115,3 +115,25 @@ impl Replica {
         }
     }
 }
+
+/// Reads until the server closes `stream` (or resets it) and returns how
+/// long that took; fails after `limit`.
+pub async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> anyhow::Result<std::time::Duration> {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(
+            limit.saturating_sub(start.elapsed()),
+            tokio::io::AsyncReadExt::read(stream, &mut buf),
+        )
+        .await
+        {
+            Err(_) => anyhow::bail!("the connection is still open after {limit:?}"),
+            Ok(Ok(0) | Err(_)) => return Ok(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}

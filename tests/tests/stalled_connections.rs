@@ -3,27 +3,12 @@
 //! `--idle-timeout-ms`, a silent peer-port connection within the header
 //! timeout; and each port holds at most its configured number of connections.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use raftwasm_tests::closed_within;
 use raftwasm_tests::cluster::TestCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads until the server closes `stream` (or resets it) and returns how
-/// long that took; fails after `limit`.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), stream.read(&mut buf))
-            .await
-        {
-            Err(_) => anyhow::bail!("the connection is still open after {limit:?}"),
-            Ok(Ok(0) | Err(_)) => return Ok(start.elapsed()),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
 
 const FLAGS: [&str; 2] = ["--header-timeout-ms=500", "--idle-timeout-ms=500"];
 

@@ -4,12 +4,12 @@
 //! trust the cluster's CA get nothing; stalled handshakes are dropped and
 //! count against the connection cap.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use raftwasm_tests::KV_NEXT_GUEST;
 use raftwasm_tests::certs::TestCa;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::{KV_NEXT_GUEST, closed_within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -120,22 +120,6 @@ async fn clear_text_and_untrusting_clients_get_nothing() -> anyhow::Result<()> {
     // The cluster's own client trusts the CA and gets the value.
     assert_eq!(cluster.get(0, "/get?key=k").await?, (200, "secret".into()));
     Ok(())
-}
-
-/// Reads until the server closes `stream` (or resets it); fails after
-/// `limit`.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), stream.read(&mut buf))
-            .await
-        {
-            Err(_) => anyhow::bail!("the connection is still open after {limit:?}"),
-            Ok(Ok(0) | Err(_)) => return Ok(()),
-            Ok(Ok(_)) => {}
-        }
-    }
 }
 
 #[tokio::test]

@@ -8,31 +8,19 @@ use anyhow::Context as _;
 use tokio::io::AsyncWriteExt as _;
 
 use super::BackupHeader;
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
 use crate::runtime::{GuestRuntime, Limits};
 
 /// `raftwasm backup`.
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
-    /// HTTP addresses of cluster members, comma-separated; the leader serves
-    /// the backup, and a follower's hint leads to it.
-    #[arg(
-        long,
-        env = "RAFTWASM_CLUSTER",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:6000"
-    )]
-    pub cluster: Vec<String>,
+    /// Where the cluster is; the leader serves the backup.
+    #[command(flatten)]
+    pub cluster: crate::cli::ClusterArgs,
     /// The file to write (replaced only once the new backup is whole and
     /// checked).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
-    /// The cluster token, if the cluster has one.
-    #[arg(long, env = "RAFTWASM_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// CA bundle (PEM) of a TLS cluster: talk HTTPS, trusting only it.
-    #[arg(long, env = "RAFTWASM_TLS_CA", value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
 }
 
 /// `raftwasm restore`.
@@ -60,18 +48,10 @@ fn describe(header: &BackupHeader) -> String {
 /// How long a whole backup download may take.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// How long finding the leader may take before the download starts.
-const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Downloads the leader's backup to `part`, synced. Returns the URL it came
 /// from.
 async fn download(args: &BackupArgs, part: &Path) -> anyhow::Result<String> {
-    let client = Client::new(
-        &args.cluster,
-        args.token.clone(),
-        args.tls_ca.as_deref(),
-        LEADER_TIMEOUT,
-    )?;
+    let client = args.cluster.client()?;
     let mut out = tokio::fs::File::create(part)
         .await
         .with_context(|| format!("cannot create {}", part.display()))?;
