@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 
+pub use crate::proto::Consistency;
 use crate::proto::{GuestHistory, JoinRequest, LEADER_HEADER, NodeId, Role, Status, SwapRecord};
 
 /// How often a request asks again while the cluster has no leader.
@@ -90,28 +91,6 @@ pub enum Cas {
     Swapped,
     /// Nothing changed; the current value (empty when the key is absent).
     Mismatch(Vec<u8>),
-}
-
-/// How a read is served; see the README's read consistency section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Consistency {
-    /// Confirmed with a quorum: sees every write acknowledged before it.
-    #[default]
-    Linearizable,
-    /// The leader answers while its lease holds.
-    Lease,
-    /// Any node answers from its own state, possibly behind.
-    Stale,
-}
-
-impl Consistency {
-    fn as_str(self) -> &'static str {
-        match self {
-            Consistency::Linearizable => "linearizable",
-            Consistency::Lease => "lease",
-            Consistency::Stale => "stale",
-        }
-    }
 }
 
 /// What a request carries.

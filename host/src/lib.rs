@@ -28,6 +28,7 @@ pub mod node;
 pub mod proto;
 pub mod raft;
 pub mod runtime;
+pub mod service;
 pub mod stall_timeout;
 pub mod tls;
 

@@ -95,6 +95,21 @@ impl Metrics {
         self.leader_changes.fetch_add(1, Relaxed);
     }
 
+    /// Counts a write acknowledged with a result.
+    pub fn write_succeeded(&self) {
+        self.writes.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a write that failed (not leader, unknown outcome, unavailable).
+    pub fn write_failed(&self) {
+        self.write_errors.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a read answered.
+    pub fn read_answered(&self) {
+        self.reads.fetch_add(1, Relaxed);
+    }
+
     /// Renders every metric, with the `counters` and `gauges` (name, help,
     /// value) that the caller knows.
     pub fn render(&self, counters: &[(&str, &str, u64)], gauges: &[(&str, &str, u64)]) -> String {

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
+use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::raft::batcher::Batcher;
@@ -18,9 +19,12 @@ use crate::raft::disk::Disk;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
 use crate::raft::read_barrier::ReadBarrier;
-use crate::raft::state_machine::{StateMachineStore, StateReader};
+use crate::raft::state_machine::StateMachineStore;
+use crate::proto::JoinRequest;
 use crate::raft::{NodeId, NodeInfo, Raft, peer_server};
 use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
+use crate::service::Node;
+use crate::service::write_queue::WriteQueue;
 
 /// The two listening sockets of a node, bound before it starts so that tests
 /// can bind port 0 and learn the real addresses.
@@ -45,69 +49,6 @@ impl Listeners {
             .await
             .with_context(|| format!("cannot listen on --raft={}", config.raft))?;
         Ok(Self { http, raft })
-    }
-}
-
-/// What the HTTP handlers share.
-pub struct App {
-    /// This node's id.
-    pub id: NodeId,
-    /// This node's addresses.
-    pub addrs: NodeInfo,
-    /// The openraft handle.
-    pub raft: Raft,
-    /// The node's configuration.
-    pub config: NodeConfig,
-    /// Gathers writes into log entries.
-    pub batcher: Batcher,
-    /// Bounds the bytes of client writes waiting for their commit.
-    pub write_queue: api::write_queue::WriteQueue,
-    /// Batches leadership confirmations for linearizable reads.
-    pub reads: ReadBarrier,
-    /// Queries and the active guest.
-    pub state: StateReader,
-    /// Loads and validates guests.
-    pub runtime: GuestRuntime,
-    /// Counters for `/metrics`.
-    pub metrics: Arc<Metrics>,
-    /// For calls to other nodes (join, forwarding, read index).
-    pub http: reqwest::Client,
-    /// The log store's view of the committed index.
-    pub log: LogStore,
-}
-
-impl std::fmt::Debug for App {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App")
-            .field("id", &self.id)
-            .field("addrs", &self.addrs)
-            .finish_non_exhaustive()
-    }
-}
-
-impl App {
-    /// The current leader's id and HTTP address, as this node knows them.
-    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader;
-        let addr = leader.and_then(|id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| n.api_addr.clone())
-        });
-        (leader, addr)
-    }
-
-    /// The last committed log index this node knows of.
-    pub fn committed(&self) -> Option<u64> {
-        self.log.committed_index()
-    }
-
-    /// Whether this node believes it is the leader.
-    pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 }
 
@@ -201,7 +142,7 @@ pub async fn run(
     ));
 
     let metrics = Arc::new(Metrics::default());
-    let app = Arc::new(App {
+    let app = Arc::new(Node {
         id,
         addrs: addrs.clone(),
         batcher: Batcher::start(
@@ -210,7 +151,7 @@ pub async fn run(
             config.write_timeout(),
             metrics.clone(),
         ),
-        write_queue: api::write_queue::WriteQueue::new(config.max_write_queue_bytes),
+        write_queue: WriteQueue::new(config.max_write_queue_bytes),
         reads: ReadBarrier::start(raft.clone()),
         raft: raft.clone(),
         config: config.clone(),
@@ -295,7 +236,7 @@ fn random_id() -> NodeId {
 
 /// Logs role changes the way the walkthrough shows them, and counts leader
 /// changes.
-async fn watch_role(app: Arc<App>) {
+async fn watch_role(app: Arc<Node>) {
     let mut metrics = app.raft.metrics();
     let mut last = (ServerState::Learner, None);
     loop {
@@ -326,18 +267,9 @@ async fn watch_role(app: Arc<App>) {
     }
 }
 
-/// Whether this node was restored from a backup and has not yet taken the
-/// snapshot that later members must receive; it admits no member until then.
-pub fn finishing_restore(app: &App) -> bool {
-    app.config
-        .node
-        .join(crate::backup::restore::MARKER)
-        .exists()
-}
-
 /// Waits until openraft's metrics satisfy `done`, returning what it returns.
 async fn wait_metrics<T>(
-    app: &App,
+    app: &Node,
     mut done: impl FnMut(&openraft::RaftMetrics<NodeId, NodeInfo>) -> Option<T>,
 ) -> Option<T> {
     let mut metrics = app.raft.metrics();
@@ -354,7 +286,7 @@ async fn wait_metrics<T>(
 /// purges the log before it, so that a member that joins later receives
 /// that snapshot instead of replaying a log that does not hold the
 /// restored state. Then removes the marker, which lets members join.
-async fn finish_restore(app: Arc<App>) {
+async fn finish_restore(app: Arc<Node>) {
     let id = app.id;
     let Some(applied) = wait_metrics(&app, |m| {
         (m.current_leader == Some(id))
@@ -400,7 +332,7 @@ async fn finish_restore(app: Arc<App>) {
 
 /// On the bootstrapping node, once it leads: installs the first guest if the
 /// cluster has none yet.
-async fn install_first_guest(app: Arc<App>, module: Vec<u8>) {
+async fn install_first_guest(app: Arc<Node>, module: Vec<u8>) {
     let mut metrics = app.raft.metrics();
     loop {
         if app.state.active().is_some() {
@@ -408,12 +340,12 @@ async fn install_first_guest(app: Arc<App>, module: Vec<u8>) {
         }
         let leader = metrics.borrow_and_update().current_leader == Some(app.id);
         if leader {
-            match api::guest::deploy(&app, module.clone(), true).await {
+            match app.deploy(module.clone(), true).await {
                 Ok(record) => {
                     tracing::info!(name = %record.name, version = %record.version, index = record.index, "installed the first guest");
                     return;
                 }
-                Err(error) => tracing::warn!(?error, "installing the first guest; retrying"),
+                Err(error) => tracing::warn!(%error, "installing the first guest; retrying"),
             }
         }
         if metrics.changed().await.is_err() {
@@ -422,10 +354,30 @@ async fn install_first_guest(app: Arc<App>, module: Vec<u8>) {
     }
 }
 
-/// Asks the cluster at `join` to add this node, following leader hints and
-/// retrying until this node is a voter.
-async fn join_cluster(app: Arc<App>, join: String) {
-    let mut target = join;
+/// Asks the cluster at `join` to add this node, through the
+/// [`Client`] (which follows the leader a not-leader answer names), and
+/// retries until this node is a voter.
+async fn join_cluster(app: Arc<Node>, join: String) {
+    let request = JoinRequest {
+        id: app.id,
+        http: app.addrs.api_addr.clone(),
+        raft: app.addrs.raft_addr.clone(),
+    };
+    // The leader answers once this node has caught up, which may take up
+    // to its --join-timeout-ms.
+    let timeout = app.config.join_timeout() + Duration::from_secs(30);
+    let client = match Client::new(
+        std::slice::from_ref(&join),
+        app.config.token.clone(),
+        app.config.tls_ca.as_deref(),
+        timeout,
+    ) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot join the cluster at --join={join}");
+            return;
+        }
+    };
     let mut delay = Duration::from_millis(100);
     loop {
         let is_voter = {
@@ -439,42 +391,12 @@ async fn join_cluster(app: Arc<App>, join: String) {
             tracing::info!("this node is a voter of the cluster");
             return;
         }
-        let url = format!("{}/join", app.config.base_url(&target));
-        let body = api::cluster::JoinRequest {
-            id: app.id,
-            http: app.addrs.api_addr.clone(),
-            raft: app.addrs.raft_addr.clone(),
-        };
-        let mut request = app.http.post(&url).json(&body);
-        if let Some(token) = &app.config.token {
-            request = request.bearer_auth(token);
-        }
-        match request.send().await {
-            Ok(response) if response.status().is_success() => {
-                tracing::info!(%url, "joined the cluster");
+        match client.join(&request).await {
+            Ok(()) => {
+                tracing::info!(%join, "joined the cluster");
                 return;
             }
-            Ok(response) => {
-                let leader = response
-                    .headers()
-                    .get(api::LEADER_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| {
-                        let scheme = v.find("://").map_or(0, |i| i + 3);
-                        v[scheme..].to_owned()
-                    });
-                let status = response.status();
-                let text = response.text().await.unwrap_or_default();
-                match leader {
-                    Some(leader) if leader != target => {
-                        tracing::info!(%leader, "join: asking the leader");
-                        target = leader;
-                        continue;
-                    }
-                    _ => tracing::warn!(%url, %status, %text, "join refused; retrying"),
-                }
-            }
-            Err(error) => tracing::warn!(%url, %error, "join failed; retrying"),
+            Err(error) => tracing::warn!(%error, "join refused; retrying"),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));

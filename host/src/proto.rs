@@ -13,6 +13,43 @@ pub type NodeId = u64;
 /// (`http://127.0.0.1:6001`) on a not-leader (421) answer.
 pub const LEADER_HEADER: &str = "x-raft-leader";
 
+/// How a read is served (`consistency=` on `/get` and `/query`); see the
+/// README's read consistency section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Consistency {
+    /// Confirmed with a quorum: sees every write acknowledged before it.
+    /// The leader confirms its leadership first; a follower asks the leader
+    /// for the commit point and waits until it has applied it.
+    #[default]
+    Linearizable,
+    /// The leader answers locally while its lease (a recent quorum
+    /// acknowledgement) holds; otherwise as linearizable.
+    Lease,
+    /// Any node answers from its own state, possibly behind.
+    Stale,
+}
+
+impl Consistency {
+    /// The parameter's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Lease => "lease",
+            Consistency::Stale => "stale",
+        }
+    }
+
+    /// The consistency a parameter value names.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "linearizable" => Some(Consistency::Linearizable),
+            "lease" => Some(Consistency::Lease),
+            "stale" => Some(Consistency::Stale),
+            _ => None,
+        }
+    }
+}
+
 /// `GET /status`: one node's view of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

@@ -1,149 +1,38 @@
 //! Operator routes: membership (`/join`, `/remove`), `/status`, `/metrics`,
 //! and `/read_index`, which followers use for linearizable reads.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
-use openraft::ChangeMembers;
-
 use axum::http::HeaderMap;
 
 use super::query::Params;
 use super::{ApiError, require_token};
-use crate::node::App;
-use crate::proto::{Member, Role, Status};
-use crate::raft::{NodeId, NodeInfo, typ};
+use crate::proto::Status;
+use crate::service::Node;
 
 /// What a joining node sends: its id and addresses.
 pub use crate::proto::JoinRequest;
 
-fn not_leader(app: &App) -> ApiError {
-    ApiError::NotLeader {
-        message: "not the leader; send membership changes to the leader",
-        leader: app.leader().1,
-    }
-}
-
-fn membership_error(app: &App, error: typ::RaftError<typ::ClientWriteError>) -> ApiError {
-    match error {
-        openraft::error::RaftError::APIError(typ::ClientWriteError::ForwardToLeader(_)) => {
-            not_leader(app)
-        }
-        openraft::error::RaftError::APIError(typ::ClientWriteError::ChangeMembershipError(e)) => {
-            ApiError::Unavailable(format!("membership change refused: {e}; retry shortly"))
-        }
-        openraft::error::RaftError::Fatal(e) => ApiError::Unavailable(format!("raft stopped: {e}")),
-    }
-}
-
-/// `POST /join` with a [`JoinRequest`]: adds the node as a learner, waits
-/// (at most `--join-timeout-ms`) for it to catch up, then makes it a voter.
-/// A node that does not catch up in time is removed again, so an address
-/// where nothing listens never counts towards the quorum. Idempotent for a
-/// member that restarts with the same id and addresses.
+/// `POST /join` with a [`JoinRequest`]: see [`Node::join`].
 ///
 /// # Errors
 /// 409 when the addresses belong to another member, 400 when the id is a
 /// member with other addresses, 504 when the node does not catch up.
 pub async fn join(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     headers: HeaderMap,
     Json(request): Json<JoinRequest>,
 ) -> Result<&'static str, ApiError> {
     require_token(&app, &headers)?;
-    if !app.is_leader() {
-        return Err(not_leader(&app));
-    }
-    if crate::node::finishing_restore(&app) {
-        return Err(ApiError::Unavailable(
-            "this node was restored from a backup and is still taking its first snapshot; \
-             retry shortly"
-                .into(),
-        ));
-    }
-    let node = NodeInfo {
-        api_addr: request.http.clone(),
-        raft_addr: request.raft.clone(),
-    };
-    let metrics = app.raft.metrics().borrow().clone();
-    let membership = metrics.membership_config.membership();
-    if let Some((other, known)) = membership.nodes().find(|(id, known)| {
-        **id != request.id && (known.api_addr == node.api_addr || known.raft_addr == node.raft_addr)
-    }) {
-        return Err(ApiError::AddressTaken(format!(
-            "http={} raft={} already belongs to member {other} (http={} raft={}); \
-             join with that member's id, or remove it first",
-            node.api_addr, node.raft_addr, known.api_addr, known.raft_addr
-        )));
-    }
-    let target = match membership.get_node(&request.id) {
-        Some(known) if *known != node => {
-            return Err(ApiError::BadRequest(format!(
-                "node {} is already a member with addresses http={} raft={}; remove it first to change them",
-                request.id, known.api_addr, known.raft_addr
-            )));
-        }
-        Some(_) if membership.voter_ids().any(|id| id == request.id) => return Ok("ok"),
-        // A learner from an earlier join: it must reach the current log.
-        Some(_) => metrics.last_log_index.unwrap_or(0),
-        None => {
-            tracing::info!(id = request.id, http = %request.http, raft = %request.raft, "adding a learner");
-            app.raft
-                .add_learner(request.id, node.clone(), false)
-                .await
-                .map_err(|e| membership_error(&app, e))?
-                .log_id
-                .index
-        }
-    };
-    let timeout = app.config.join_timeout();
-    let caught_up = app
-        .raft
-        .wait(Some(timeout))
-        .metrics(
-            |m| {
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(&request.id).copied().flatten())
-                    .is_some_and(|matched| matched.index >= target)
-            },
-            "the joining node to catch up",
-        )
-        .await;
-    if caught_up.is_err() {
-        tracing::warn!(id = request.id, raft = %request.raft, ?timeout, "joining node did not catch up; removing it");
-        let removed = app
-            .raft
-            .change_membership(
-                ChangeMembers::RemoveNodes(BTreeSet::from([request.id])),
-                false,
-            )
-            .await;
-        if let Err(error) = removed {
-            tracing::warn!(id = request.id, %error, "removing the learner that did not catch up");
-        }
-        return Err(ApiError::TimedOut(format!(
-            "node {} did not catch up within {timeout:?} and was not added; check that it runs \
-             and that this leader can reach its --raft address {}, then retry",
-            request.id, request.raft
-        )));
-    }
-    app.raft
-        .change_membership(
-            ChangeMembers::AddVoterIds(BTreeSet::from([request.id])),
-            false,
-        )
-        .await
-        .map_err(|e| membership_error(&app, e))?;
-    tracing::info!(id = request.id, "node is a voter");
+    app.join(&request).await?;
     Ok("ok")
 }
 
 /// `POST /remove?id=N`: removes a member (voter or learner).
 pub async fn remove(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<&'static str, ApiError> {
@@ -152,25 +41,7 @@ pub async fn remove(
     let id = params
         .number("id")?
         .ok_or_else(|| ApiError::BadRequest("missing parameter `id`".into()))?;
-    if !app.is_leader() {
-        return Err(not_leader(&app));
-    }
-    let membership = app.raft.metrics().borrow().membership_config.clone();
-    if membership.membership().get_node(&id).is_none() {
-        return Err(ApiError::NotFound);
-    }
-    let ids = BTreeSet::from([id]);
-    if membership.membership().voter_ids().any(|v| v == id) {
-        app.raft
-            .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-            .await
-            .map_err(|e| membership_error(&app, e))?;
-    }
-    app.raft
-        .change_membership(ChangeMembers::RemoveNodes(ids), false)
-        .await
-        .map_err(|e| membership_error(&app, e))?;
-    tracing::info!(id, "node removed");
+    app.remove(id).await?;
     Ok("ok")
 }
 
@@ -180,69 +51,16 @@ pub async fn remove(
 /// equal state) reads the whole state, so it is computed only when asked for
 /// with `?state_hash=true`; otherwise it is null.
 pub async fn status(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Status>, ApiError> {
     let params = Params::parse(query.as_deref())?;
     let with_hash = matches!(params.text("state_hash")?, Some("true" | "1"));
-    // Hashing reads the whole state: on the blocking pool, not an async
-    // worker thread that heartbeats may be waiting for.
-    let state_hash = if with_hash {
-        let state = app.state.clone();
-        tokio::task::spawn_blocking(move || state.state_hash().ok())
-            .await
-            .ok()
-            .flatten()
-    } else {
-        None
-    };
-    let metrics = app.raft.metrics().borrow().clone();
-    let membership = metrics.membership_config.membership();
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    let members: Vec<Member> = membership
-        .nodes()
-        .map(|(id, node)| Member {
-            id: *id,
-            http: node.api_addr.clone(),
-            raft: node.raft_addr.clone(),
-            voter: voters.contains(id),
-        })
-        .collect();
-    let (leader, leader_addr) = app.leader();
-    let guest = app.state.active().map(|g| g.describe());
-    let replication: Option<BTreeMap<NodeId, Option<u64>>> =
-        metrics.replication.as_ref().map(|r| {
-            r.iter()
-                .map(|(id, log)| (*id, log.map(|l| l.index)))
-                .collect()
-        });
-    Ok(Json(Status {
-        id: app.id,
-        role: match metrics.state {
-            openraft::ServerState::Leader => Role::Leader,
-            openraft::ServerState::Follower => Role::Follower,
-            openraft::ServerState::Candidate => Role::Candidate,
-            openraft::ServerState::Learner => Role::Learner,
-            openraft::ServerState::Shutdown => Role::Shutdown,
-        },
-        term: metrics.current_term,
-        leader,
-        leader_http: leader_addr,
-        last_log_index: metrics.last_log_index,
-        committed: app.committed(),
-        applied: metrics.last_applied.map(|l| l.index),
-        snapshot: metrics.snapshot.map(|l| l.index),
-        purged: metrics.purged.map(|l| l.index),
-        members,
-        membership_changing: membership.get_joint_config().len() > 1,
-        replication,
-        guest,
-        state_hash,
-    }))
+    Ok(Json(app.status(with_hash).await))
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub async fn metrics(State(app): State<Arc<App>>) -> String {
+pub async fn metrics(State(app): State<Arc<Node>>) -> String {
     use std::fmt::Write as _;
 
     use crate::metrics::label_value;
@@ -328,10 +146,6 @@ pub async fn metrics(State(app): State<Arc<App>>) -> String {
 
 /// `GET /read_index`: on the leader, confirms leadership with a quorum and
 /// answers the index a follower must apply before a linearizable read.
-pub async fn read_index(State(app): State<Arc<App>>) -> Result<String, ApiError> {
-    let timeout = app.config.read_timeout();
-    let confirmed = tokio::time::timeout(timeout, app.reads.confirm())
-        .await
-        .map_err(|_| super::kv::read_timed_out(timeout))??;
-    Ok(confirmed.to_string())
+pub async fn read_index(State(app): State<Arc<Node>>) -> Result<String, ApiError> {
+    Ok(app.read_index().await?.to_string())
 }

@@ -7,19 +7,22 @@
 //! State-changing requests from a foreign browser origin are refused before
 //! routing (see `origin`).
 //!
-//! Every error is an [`ApiError`], so status codes are decided in one place.
+//! The handlers are thin: they parse a request, call the
+//! [`Node`](crate::service::Node) and turn its answer into a response.
+//! Every error is an [`ApiError`], and a [`ServiceError`] becomes one in a
+//! single `From`, so status codes are decided in one place. A follower
+//! relays the routes that must run on the leader (writes with
+//! `--forward-writes`, guest uploads always) in one middleware, [`forward`].
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use crate::node::App;
-use crate::raft::batcher::WriteError;
-use crate::raft::read_barrier::ReadError;
+use crate::service::{Node, ServiceError};
 
 pub mod backup;
 pub mod cluster;
@@ -27,27 +30,35 @@ pub mod guest;
 mod kv;
 mod origin;
 mod query;
-pub mod write_queue;
 
 /// The response header that names the leader's HTTP address.
 pub use crate::proto::LEADER_HEADER;
 
-/// The largest key accepted, in bytes: guest-kv's own limit, so that `/apply`
-/// cannot store what `/set` refuses.
-pub const MAX_KEY: usize = guest_kv::cache::MAX_KEY;
-/// The largest value accepted, in bytes: guest-kv's own limit.
-pub const MAX_VALUE: usize = guest_kv::cache::MAX_VALUE;
+pub use crate::service::kv::{MAX_KEY, MAX_VALUE};
 /// The largest request body accepted (a value plus its encoding).
 const MAX_BODY: usize = MAX_VALUE + 64 * 1024;
 
 /// The routes of a node.
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(app: Arc<Node>) -> Router {
+    let writes = axum::middleware::from_fn_with_state((app.clone(), Forward::Writes), forward);
+    let uploads = axum::middleware::from_fn_with_state((app.clone(), Forward::Always), forward);
     Router::new()
-        .route("/set", get(kv::set).post(kv::set))
+        .route(
+            "/set",
+            get(kv::set).post(kv::set).route_layer(writes.clone()),
+        )
         .route("/get", get(kv::get).post(kv::get))
-        .route("/delete", get(kv::delete).post(kv::delete))
-        .route("/cas", get(kv::compare_and_set).post(kv::compare_and_set))
-        .route("/apply", post(kv::apply))
+        .route(
+            "/delete",
+            get(kv::delete).post(kv::delete).route_layer(writes.clone()),
+        )
+        .route(
+            "/cas",
+            get(kv::compare_and_set)
+                .post(kv::compare_and_set)
+                .route_layer(writes.clone()),
+        )
+        .route("/apply", post(kv::apply).route_layer(writes))
         .route("/query", post(kv::query))
         .route("/join", post(cluster::join))
         .route("/remove", post(cluster::remove))
@@ -57,8 +68,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/backup", get(backup::backup))
         .route(
             "/guest",
-            get(guest::show)
-                .post(guest::upload)
+            post(guest::upload)
+                .route_layer(uploads)
+                .get(guest::show)
                 .layer(axum::extract::DefaultBodyLimit::max(
                     app.runtime.limits().module_bytes + 1,
                 )),
@@ -108,7 +120,7 @@ pub enum ApiError {
 }
 
 /// The body a follower answers writes with, as in the walkthrough.
-pub const WRITE_REFUSED: &str = "write method not allowed";
+pub use crate::service::WRITE_REFUSED;
 
 /// Marks a not-leader response so [`negotiate`] can add the leader's URL
 /// and answer in JSON.
@@ -158,27 +170,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<WriteError> for ApiError {
-    fn from(error: WriteError) -> Self {
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
         match error {
-            WriteError::NotLeader(leader) => ApiError::NotLeader {
-                message: WRITE_REFUSED,
-                leader,
-            },
-            WriteError::Unknown(_) => ApiError::Unknown(error.to_string()),
-            WriteError::Unavailable(_) => ApiError::Unavailable(format!("{error}; retry shortly")),
-        }
-    }
-}
-
-impl From<ReadError> for ApiError {
-    fn from(error: ReadError) -> Self {
-        match error {
-            ReadError::NotLeader(leader) => ApiError::NotLeader {
-                message: "not the leader; retry on the leader or use consistency=stale",
-                leader,
-            },
-            ReadError::Unavailable(_) => ApiError::Unavailable(format!("{error}; retry shortly")),
+            ServiceError::BadRequest(m) => ApiError::BadRequest(m),
+            ServiceError::NotFound => ApiError::NotFound,
+            ServiceError::Conflict(current) => ApiError::Conflict(current),
+            ServiceError::AddressTaken(m) => ApiError::AddressTaken(m),
+            ServiceError::TooLarge(m) => ApiError::TooLarge(m),
+            ServiceError::NotLeader { message, leader } => ApiError::NotLeader { message, leader },
+            ServiceError::Refused(m) => ApiError::Refused(m),
+            ServiceError::Unavailable(m) => ApiError::Unavailable(m),
+            ServiceError::Unknown(m) => ApiError::Unknown(m),
+            ServiceError::TimedOut(m) => ApiError::TimedOut(m),
+            ServiceError::Internal(m) => ApiError::Internal(m),
         }
     }
 }
@@ -187,7 +192,7 @@ impl From<ReadError> for ApiError {
 ///
 /// # Errors
 /// [`ApiError::Unauthorized`] when it is missing or wrong.
-pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn require_token(app: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &app.config.token else {
         return Ok(());
     };
@@ -209,7 +214,7 @@ pub fn require_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 /// before their body is read, and answer not-leader errors in JSON for
 /// clients that ask for it.
 async fn edge(
-    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    axum::extract::State(app): axum::extract::State<Arc<Node>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -224,7 +229,7 @@ async fn edge(
 /// Checks the token of the operator routes that read a body (`POST /guest`,
 /// `/join`, `/remove`) before the body is read, so that nobody without the
 /// token can make a node receive an 8 MiB upload.
-fn token_before_body(app: &App, request: &axum::extract::Request) -> Result<(), ApiError> {
+fn token_before_body(app: &Node, request: &axum::extract::Request) -> Result<(), ApiError> {
     let operator = request.method() == Method::POST
         && matches!(request.uri().path(), "/guest" | "/join" | "/remove");
     if operator {
@@ -233,87 +238,66 @@ fn token_before_body(app: &App, request: &axum::extract::Request) -> Result<(), 
     Ok(())
 }
 
-/// A request that may have to be relayed to the leader: what a follower
-/// needs to send it on (method, path and query, authorization, body).
-#[derive(Debug)]
-pub struct Relay {
-    method: Method,
-    uri: Uri,
-    authorization: Option<HeaderValue>,
-    /// The request body.
-    pub body: Bytes,
+/// Which requests [`forward`] relays to the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forward {
+    /// Writes: only with `--forward-writes`; otherwise a follower refuses
+    /// them as in the walkthrough.
+    Writes,
+    /// Guest uploads: always.
+    Always,
 }
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for Relay {
-    type Rejection = Response;
-
-    async fn from_request(
-        request: axum::extract::Request,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        let (parts, body) = request.into_parts();
-        let body = <Bytes as axum::extract::FromRequest<S>>::from_request(
-            axum::extract::Request::from_parts(parts.clone(), body),
-            state,
-        )
-        .await
-        .map_err(IntoResponse::into_response)?;
-        Ok(Self {
-            method: parts.method,
-            uri: parts.uri,
-            authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
-            body,
-        })
+/// Relays a request that this node answered with not-leader to the leader
+/// it names, and returns the leader's answer as it is (status and body).
+/// The request body is kept to be sent on; its size limit is the route's.
+async fn forward(
+    axum::extract::State((app, policy)): axum::extract::State<(Arc<Node>, Forward)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if policy == Forward::Writes && !app.config.forward_writes {
+        return next.run(request).await;
     }
-}
-
-impl Relay {
-    /// Answers `result`; a not-leader error is instead relayed to the leader
-    /// when `always` or with `--forward-writes`, and the leader's answer
-    /// returned as it is.
-    pub async fn answer(
-        self,
-        app: &App,
-        always: bool,
-        result: Result<impl IntoResponse, ApiError>,
-    ) -> Response {
-        let error = match result {
-            Ok(ok) => return ok.into_response(),
-            Err(error) => error,
-        };
-        let ApiError::NotLeader {
-            leader: Some(leader),
-            ..
-        } = &error
-        else {
-            return error.into_response();
-        };
-        if !always && !app.config.forward_writes {
-            return error.into_response();
-        }
-        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
-        let url = format!("{}{path}", app.config.base_url(leader));
-        let mut request = app.http.request(self.method, &url).body(self.body);
-        if let Some(auth) = self.authorization {
-            request = request.header(header::AUTHORIZATION, auth);
-        }
-        match request.send().await {
-            Ok(answer) => {
-                let status = StatusCode::from_u16(answer.status().as_u16())
-                    .unwrap_or(StatusCode::BAD_GATEWAY);
-                match answer.bytes().await {
-                    Ok(bytes) => (status, bytes).into_response(),
-                    Err(e) => ApiError::Unknown(format!(
-                        "the leader's answer was lost ({e}); check before retrying"
-                    ))
-                    .into_response(),
-                }
-            }
-            Err(e) => {
-                ApiError::Unavailable(format!("cannot forward to the leader at {leader}: {e}"))
-                    .into_response()
+    let (parts, body) = request.into_parts();
+    let body = match <Bytes as axum::extract::FromRequest<()>>::from_request(
+        axum::extract::Request::from_parts(parts.clone(), body),
+        &(),
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let request = axum::extract::Request::from_parts(parts.clone(), body.clone().into());
+    let response = next.run(request).await;
+    let Some(NotLeaderInfo {
+        leader: Some(leader),
+        ..
+    }) = response.extensions().get::<NotLeaderInfo>().cloned()
+    else {
+        return response;
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{path}", app.config.base_url(&leader));
+    let mut relayed = app.http.request(parts.method, &url).body(body);
+    if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+        relayed = relayed.header(header::AUTHORIZATION, auth);
+    }
+    match relayed.send().await {
+        Ok(answer) => {
+            let status =
+                StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            match answer.bytes().await {
+                Ok(bytes) => (status, bytes).into_response(),
+                Err(e) => ApiError::Unknown(format!(
+                    "the leader's answer was lost ({e}); check before retrying"
+                ))
+                .into_response(),
             }
         }
+        Err(e) => ApiError::Unavailable(format!("cannot forward to the leader at {leader}: {e}"))
+            .into_response(),
     }
 }
 
@@ -321,7 +305,7 @@ impl Relay {
 /// answers them in JSON for clients that ask for it with
 /// `Accept: application/json`.
 async fn negotiate(
-    app: &App,
+    app: &Node,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {

@@ -9,13 +9,13 @@ use axum::extract::Request;
 use axum::http::{Method, header};
 
 use super::ApiError;
-use crate::node::App;
+use crate::service::Node;
 
 /// Refuses a state-changing request from a foreign origin with 403.
 ///
 /// # Errors
 /// [`ApiError::Forbidden`] naming the origin and the flag that allows it.
-pub fn check_origin(app: &App, request: &Request) -> Result<(), ApiError> {
+pub fn check_origin(app: &Node, request: &Request) -> Result<(), ApiError> {
     if changes_state(request.method(), request.uri().path())
         && let Some(origin) = request.headers().get(header::ORIGIN)
     {
@@ -39,7 +39,7 @@ fn changes_state(method: &Method, path: &str) -> bool {
 
 /// Whether `origin` is this node's own HTTP address or one allowed with
 /// `--allow-origin` (compared without case and a trailing slash).
-fn allowed(app: &App, origin: &str) -> bool {
+fn allowed(app: &Node, origin: &str) -> bool {
     let origin = origin.trim_end_matches('/');
     let own = app.config.base_url(&app.addrs.api_addr);
     std::iter::once(own.as_str())

@@ -160,7 +160,7 @@ async fn propose(raft: &Raft, batch: Vec<Pending>, timeout: Duration) {
 fn classify(error: typ::RaftError<typ::ClientWriteError>) -> WriteError {
     match error {
         openraft::error::RaftError::APIError(typ::ClientWriteError::ForwardToLeader(forward)) => {
-            WriteError::NotLeader(forward.leader_node.map(|n| n.api_addr))
+            WriteError::NotLeader(super::leader_http(forward))
         }
         // A change-membership error cannot come from a normal write.
         openraft::error::RaftError::APIError(other) => WriteError::Unavailable(other.to_string()),

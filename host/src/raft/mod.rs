@@ -82,9 +82,27 @@ impl Op {
     }
 }
 
-/// The outcome of one [`Op`]: the guest's response bytes, or its error
-/// message. Both are deterministic: every replica computes the same one.
-pub type OpResult = Result<Vec<u8>, String>;
+/// What one [`Op`] produced, by kind of operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpOutput {
+    /// [`Op::Apply`]: the guest's answer bytes.
+    Guest(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// [`Op::StageGuest`]: the staged module's SHA-256, in hex.
+    Staged(String),
+    /// [`Op::ActivateGuest`]: the swap that took place.
+    Activated(crate::proto::SwapRecord),
+}
+
+/// The outcome of one [`Op`]: what it produced, or the refusal message (of
+/// the guest, or of the cluster's checks of a module). Both are
+/// deterministic: every replica computes the same one.
+pub type OpResult = Result<OpOutput, String>;
+
+/// The HTTP address of the leader that an openraft `ForwardToLeader` names:
+/// what a not-leader answer tells the client.
+pub fn leader_http(forward: typ::ForwardToLeader) -> Option<String> {
+    forward.leader_node.map(|node| node.api_addr)
+}
 
 /// The state machine's answer to one log entry: one result per [`Op`], in
 /// order (empty for blank and membership entries).

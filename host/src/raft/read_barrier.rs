@@ -91,7 +91,7 @@ async fn drive(raft: Raft, barrier: ReadBarrier) {
 fn classify(error: typ::RaftError<typ::CheckIsLeaderError>) -> ReadError {
     match error {
         openraft::error::RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(forward)) => {
-            ReadError::NotLeader(forward.leader_node.map(|n| n.api_addr))
+            ReadError::NotLeader(super::leader_http(forward))
         }
         other => ReadError::Unavailable(other.to_string()),
     }

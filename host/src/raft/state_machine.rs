@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::disk::Disk;
 use super::redo::{self, RedoHead, Write};
 use super::snapshot_file::{self, SnapshotDir, SnapshotFile};
-use super::{Op, OpResult, Request, Response, TypeConfig, typ};
+use super::{Op, OpOutput, OpResult, Request, Response, TypeConfig, typ};
 use crate::metrics::LatencyHistogram;
 use crate::runtime::{
     Context, GuestInstance, GuestModule, GuestRuntime, HostFault, Outcome, StateRead,
@@ -996,7 +996,7 @@ impl StateMachineStore {
             return Ok(Err("no guest is active; deploy one first".into()));
         };
         let outcome = instance.apply(ctx, command).map_err(write_err)?;
-        Ok(outcome.result)
+        Ok(outcome.result.map(OpOutput::Guest))
     }
 
     /// Stores a module in the state and starts compiling it.
@@ -1021,7 +1021,7 @@ impl StateMachineStore {
         }
         writes.push((KEY_STAGED_ORDER.to_vec(), Some(encode(&self.staged_order)?)));
         self.compiler.enqueue(&hash, module);
-        Ok(Ok(hash.into_bytes()))
+        Ok(Ok(OpOutput::Staged(hash)))
     }
 
     /// Makes the staged module `hash` the active guest from `ctx.index` on.
@@ -1131,7 +1131,7 @@ impl StateMachineStore {
         self.activate(Some(loaded), ctx.index);
         self.instance = Some(instance);
         tracing::info!(index = ctx.index, name = %record.name, version = %record.version, %hash, "guest activated");
-        serde_json::to_vec(&record).map(Ok).map_err(write_err)
+        Ok(Ok(OpOutput::Activated(record)))
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::ApiError;
+use super::ServiceError;
 
 /// The bytes of client writes waiting for their answer, up to a limit.
 #[derive(Debug, Clone)]
@@ -35,15 +35,15 @@ impl WriteQueue {
     /// Admits a write of `len` bytes.
     ///
     /// # Errors
-    /// 503 when the queued writes and this one exceed the limit.
-    pub fn admit(&self, len: usize) -> Result<Admitted, ApiError> {
+    /// [`ServiceError::Unavailable`] when the queued writes and this one exceed the limit.
+    pub fn admit(&self, len: usize) -> Result<Admitted, ServiceError> {
         let len = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
         self.bytes
             .clone()
             .try_acquire_many_owned(len)
             .map(|bytes| Admitted { _bytes: bytes })
             .map_err(|_| {
-                ApiError::Unavailable(format!(
+                ServiceError::Unavailable(format!(
                     "the write queue is full ({} of {} bytes taken, --max-write-queue-bytes); \
                      retry shortly",
                     self.limit as usize - self.bytes.available_permits(),
