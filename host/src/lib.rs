@@ -30,6 +30,7 @@ pub mod raft;
 pub mod runtime;
 pub mod service;
 pub mod stall_timeout;
+pub mod tasks;
 pub mod tls;
 
 /// The configuration of the property tests: `cases` per property, unless

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use openraft::ServerState;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::client::Client;
@@ -25,6 +24,7 @@ use crate::raft::{NodeId, NodeInfo, Raft, peer_server};
 use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
 use crate::service::Node;
 use crate::service::write_queue::WriteQueue;
+use crate::tasks::Tasks;
 
 /// The two listening sockets of a node, bound before it starts so that tests
 /// can bind port 0 and learn the real addresses.
@@ -131,14 +131,16 @@ pub async fn run(
     )
     .await?;
 
-    let cancel = CancellationToken::new();
-    tokio::spawn(peer_server::serve(
+    // Every background task of the node runs on `tasks`; shutdown cancels
+    // and awaits them all before the final flush.
+    let tasks = Tasks::new();
+    tasks.spawn_graceful(peer_server::serve(
         listeners.raft,
         raft.clone(),
         config.token.clone(),
         tls.as_ref().map(|tls| tls.peer_server.clone()),
         config.peer_limits(),
-        cancel.clone().cancelled_owned(),
+        tasks.cancelled().cancelled_owned(),
     ));
 
     let metrics = Arc::new(Metrics::default());
@@ -150,9 +152,10 @@ pub async fn run(
             log_store.appends_flushed(),
             config.write_timeout(),
             metrics.clone(),
+            &tasks,
         ),
         write_queue: WriteQueue::new(config.max_write_queue_bytes),
-        reads: ReadBarrier::start(raft.clone()),
+        reads: ReadBarrier::start(raft.clone(), &tasks),
         raft: raft.clone(),
         config: config.clone(),
         state,
@@ -162,7 +165,7 @@ pub async fn run(
         log: log_store,
     });
     tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
-    tokio::spawn(watch_role(app.clone()));
+    tasks.spawn(watch_role(app.clone()));
 
     let restored = config.node.join(crate::backup::restore::MARKER).exists();
     let initialized = raft.is_initialized().await?;
@@ -186,13 +189,13 @@ pub async fn run(
         }
     }
     if config.bootstrap {
-        tokio::spawn(install_first_guest(app.clone(), bootstrap_guest));
+        tasks.spawn(install_first_guest(app.clone(), bootstrap_guest));
     }
     if restored {
-        tokio::spawn(finish_restore(app.clone()));
+        tasks.spawn(finish_restore(app.clone()));
     }
     if let Some(join) = config.join.clone() {
-        tokio::spawn(join_cluster(app.clone(), join));
+        tasks.spawn(join_cluster(app.clone(), join));
     }
 
     tracing::info!("http server listening on {}", addrs.api_addr);
@@ -204,7 +207,10 @@ pub async fn run(
         shutdown,
     )
     .await;
-    cancel.cancel();
+    // The HTTP server has finished its requests; stop the background tasks
+    // (they may be inside a write or a read barrier) and wait for them, so
+    // nothing touches Raft or the database after the final flush.
+    tasks.shutdown().await;
     let _ = raft.shutdown().await;
     disk.flush().await?;
     Ok(())

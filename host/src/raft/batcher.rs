@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::{Op, OpResult, Raft, Request, typ};
+use crate::tasks::Tasks;
 
 /// The most operations in one entry.
 const MAX_OPS: usize = 1024;
@@ -59,17 +60,25 @@ pub trait BatchObserver: Send + Sync + 'static {
 }
 
 impl Batcher {
-    /// Starts the batcher task for `raft`; `appends_flushed` counts the
-    /// appends the local log store has flushed (see
-    /// [`super::log_store::LogStore::appends_flushed`]).
+    /// Starts the batcher task for `raft` on `tasks` (its proposals run
+    /// there too); `appends_flushed` counts the appends the local log store
+    /// has flushed (see [`super::log_store::LogStore::appends_flushed`]).
     pub fn start(
         raft: Raft,
         appends_flushed: watch::Receiver<u64>,
         timeout: Duration,
         observer: Arc<dyn BatchObserver>,
+        tasks: &Tasks,
     ) -> Self {
         let (tx, rx) = mpsc::channel(16 * MAX_OPS);
-        tokio::spawn(run(raft, rx, appends_flushed, timeout, observer));
+        tasks.spawn(run(
+            raft,
+            rx,
+            appends_flushed,
+            timeout,
+            observer,
+            tasks.clone(),
+        ));
         Self { tx }
     }
 
@@ -94,6 +103,7 @@ async fn run(
     mut appends_flushed: watch::Receiver<u64>,
     timeout: Duration,
     observer: Arc<dyn BatchObserver>,
+    tasks: Tasks,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
@@ -116,7 +126,7 @@ async fn run(
         let flushed_before = *appends_flushed.borrow_and_update();
         let (done, finished) = oneshot::channel::<()>();
         let raft = raft.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             propose(&raft, batch, timeout).await;
             drop(permit);
             drop(done);

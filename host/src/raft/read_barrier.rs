@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
 use super::{Raft, typ};
+use crate::tasks::Tasks;
 
 /// The outcome of a round: the index the state machine had to reach, or why
 /// leadership could not be confirmed.
@@ -36,13 +37,13 @@ pub struct ReadBarrier {
 }
 
 impl ReadBarrier {
-    /// Starts the task that runs rounds on `raft`.
-    pub fn start(raft: Raft) -> Self {
+    /// Starts the task that runs rounds on `raft`, on `tasks`.
+    pub fn start(raft: Raft, tasks: &Tasks) -> Self {
         let barrier = Self {
             next: Arc::default(),
             wake: Arc::default(),
         };
-        tokio::spawn(drive(raft, barrier.clone()));
+        tasks.spawn(drive(raft, barrier.clone()));
         barrier
     }
 
