@@ -13,13 +13,13 @@ use crate::api;
 use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
+use crate::proto::JoinRequest;
 use crate::raft::batcher::Batcher;
 use crate::raft::disk::Disk;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
 use crate::raft::read_barrier::ReadBarrier;
 use crate::raft::state_machine::StateMachineStore;
-use crate::proto::JoinRequest;
 use crate::raft::{NodeId, NodeInfo, Raft, peer_server};
 use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
 use crate::service::Node;
@@ -143,7 +143,7 @@ pub async fn run(
         tasks.cancelled().cancelled_owned(),
     ));
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(state.apply_stats(), disk.flushes()));
     let app = Arc::new(Node {
         id,
         addrs: addrs.clone(),

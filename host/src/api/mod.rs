@@ -12,7 +12,7 @@
 //! Every error is an [`ApiError`], and a [`ServiceError`] becomes one in a
 //! single `From`, so status codes are decided in one place. A follower
 //! relays the routes that must run on the leader (writes with
-//! `--forward-writes`, guest uploads always) in one middleware, [`forward`].
+//! `--forward-writes`, guest uploads always) in one middleware, `forward`.
 
 use std::sync::Arc;
 

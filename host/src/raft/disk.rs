@@ -83,7 +83,7 @@ impl Disk {
                 blobs: dir.join("blobs"),
                 large_written: AtomicBool::new(false),
                 synced_blob: Mutex::new(0),
-                flushes: LatencyHistogram::default(),
+                flushes: LatencyHistogram::disk_flushes(),
             }),
         }
     }

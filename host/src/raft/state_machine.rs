@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -32,7 +32,7 @@ use super::disk::Disk;
 use super::redo::{self, RedoHead, Write};
 use super::snapshot_file::{self, SnapshotDir, SnapshotFile};
 use super::{Op, OpOutput, OpResult, Request, Response, TypeConfig, typ};
-use crate::metrics::LatencyHistogram;
+use crate::metrics::ApplyStats;
 use crate::runtime::{
     Context, GuestInstance, GuestModule, GuestRuntime, HostFault, Outcome, StateRead,
 };
@@ -181,19 +181,6 @@ impl CommitGate {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         read()
     }
-}
-
-/// Counters of the apply path, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct ApplyStats {
-    /// Log entries applied.
-    pub entries: AtomicU64,
-    /// Guest operations applied.
-    pub ops: AtomicU64,
-    /// Time spent in `apply`, including the sled writes, in nanoseconds.
-    pub nanos: AtomicU64,
-    /// How long each `apply` call took.
-    pub latency: LatencyHistogram,
 }
 
 impl StateReader {
@@ -1187,13 +1174,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .commit(|| redo::commit(&self.tree, &self.disk, head, &writes))
             .map_err(write_err)?;
         self.redo_seq = head.seq;
-        let stats = &self.reader.stats;
-        stats.entries.fetch_add(responses.len() as u64, Relaxed);
         let ops: usize = responses.iter().map(|r| r.results.len()).sum();
-        stats.ops.fetch_add(ops as u64, Relaxed);
-        let elapsed = started.elapsed();
-        stats.nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
-        stats.latency.observe(elapsed);
+        self.reader
+            .stats
+            .record(responses.len(), ops, started.elapsed());
         if let Some(applied) = self.applied {
             tracing::debug!(
                 index = applied.index,

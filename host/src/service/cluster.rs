@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use openraft::ChangeMembers;
 
 use super::{Node, ServiceError};
+use crate::metrics::{GuestLabels, Scrape};
 use crate::proto::{JoinRequest, Member, Role, Status};
 use crate::raft::{NodeId, NodeInfo, leader_http, typ};
 
@@ -162,6 +163,24 @@ impl Node {
             .map_err(membership_error)?;
         tracing::info!(id, "node removed");
         Ok(())
+    }
+
+    /// The values of the gauges of `/metrics` that mirror Raft's state.
+    pub fn scrape(&self) -> Scrape {
+        let m = self.raft.metrics().borrow().clone();
+        Scrape {
+            is_leader: m.current_leader == Some(self.id),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
+            guest: self.state.active().map(|guest| GuestLabels {
+                name: guest.module.name().to_owned(),
+                version: guest.module.version().to_string(),
+                hash: guest.module.hash().to_owned(),
+                since: guest.since,
+            }),
+        }
     }
 
     /// This node's view of the cluster. `with_state_hash` adds a SHA-256
