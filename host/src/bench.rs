@@ -51,7 +51,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<()> {
         .pool_max_idle_per_host(config.connections)
         .build()?;
     let tls = config.tls_ca.is_some();
-    let base = crate::tls::base_url(&config.cluster, tls);
+    let base = crate::proto::base_url(&config.cluster, tls);
     let value = "v".repeat(100);
     println!(
         "{} connections, {} s per workload, 16-byte keys, 100-byte values, against {base}",

@@ -140,7 +140,7 @@ impl Client {
             .iter()
             .map(|e| e.trim())
             .filter(|e| !e.is_empty())
-            .map(|e| crate::tls::base_url(e, tls))
+            .map(|e| crate::proto::base_url(e, tls))
             .collect();
         if endpoints.is_empty() {
             return Err(ClientError::Setup(
@@ -165,7 +165,7 @@ impl Client {
 
     /// The base URL of `addr` with this cluster's scheme.
     pub fn base_url(&self, addr: &str) -> String {
-        crate::tls::base_url(addr, self.tls)
+        crate::proto::base_url(addr, self.tls)
     }
 
     /// The endpoints to try, the remembered leader first.

@@ -231,7 +231,7 @@ impl NodeConfig {
     /// `addr` (another member's HTTP address) as a base URL with this
     /// cluster's scheme.
     pub fn base_url(&self, addr: &str) -> String {
-        crate::tls::base_url(addr, self.tls_on())
+        crate::proto::base_url(addr, self.tls_on())
     }
 
     /// Reads the TLS files: `None` without TLS flags. The certificate and

@@ -13,6 +13,20 @@ pub type NodeId = u64;
 /// (`http://127.0.0.1:6001`) on a not-leader (421) answer.
 pub const LEADER_HEADER: &str = "x-raft-leader";
 
+/// `addr` (`host:port`, with or without a scheme or a trailing slash) as a
+/// base URL with the scheme of the cluster: `https` when `tls`, else
+/// `http`. The one place where an address becomes a URL: the node, the
+/// client, the CLI, the bench and the tests all go through it.
+pub fn base_url(addr: &str, tls: bool) -> String {
+    let addr = addr
+        .strip_prefix("https://")
+        .or_else(|| addr.strip_prefix("http://"))
+        .unwrap_or(addr)
+        .trim_end_matches('/');
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{addr}")
+}
+
 /// How a read is served (`consistency=` on `/get` and `/query`); see the
 /// README's read consistency section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -195,4 +209,20 @@ pub struct NotLeader {
     pub error: String,
     /// The leader's base URL, when known.
     pub leader: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_follows_the_cluster_scheme() {
+        assert_eq!(base_url("127.0.0.1:6000", false), "http://127.0.0.1:6000");
+        assert_eq!(base_url("127.0.0.1:6000", true), "https://127.0.0.1:6000");
+        assert_eq!(
+            base_url("http://127.0.0.1:6000/", true),
+            "https://127.0.0.1:6000"
+        );
+        assert_eq!(base_url("https://node1:6000", true), "https://node1:6000");
+    }
 }

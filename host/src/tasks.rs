@@ -96,7 +96,10 @@ mod tests {
             .await
             .expect("every task ends once cancelled");
         assert!(finished.load(Ordering::SeqCst));
-        assert!(dropped.load(Ordering::SeqCst), "the pending task was dropped");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the pending task was dropped"
+        );
         assert!(tasks.is_cancelled());
     }
 }

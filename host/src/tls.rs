@@ -159,18 +159,6 @@ pub fn http_client_builder(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, 
     })
 }
 
-/// `addr` (`host:port`, with or without a scheme) as a base URL with the
-/// scheme of the cluster: `https` when `tls`, else `http`.
-pub fn base_url(addr: &str, tls: bool) -> String {
-    let addr = addr
-        .strip_prefix("https://")
-        .or_else(|| addr.strip_prefix("http://"))
-        .unwrap_or(addr)
-        .trim_end_matches('/');
-    let scheme = if tls { "https" } else { "http" };
-    format!("{scheme}://{addr}")
-}
-
 /// The name a peer's certificate must carry: the host part of its address
 /// (an IP address SAN for `127.0.0.1:7000`, a DNS name for `node1:7000`).
 ///
@@ -365,17 +353,6 @@ mod tests {
         let err = Tls::from_files(&files.cert, &other.key, &files.ca).map(|_| ());
         assert!(matches!(&err, Err(TlsError::CertAndKey(_))), "{err:?}");
         Ok(())
-    }
-
-    #[test]
-    fn base_url_follows_the_cluster_scheme() {
-        assert_eq!(base_url("127.0.0.1:6000", false), "http://127.0.0.1:6000");
-        assert_eq!(base_url("127.0.0.1:6000", true), "https://127.0.0.1:6000");
-        assert_eq!(
-            base_url("http://127.0.0.1:6000/", true),
-            "https://127.0.0.1:6000"
-        );
-        assert_eq!(base_url("https://node1:6000", true), "https://node1:6000");
     }
 
     #[test]

@@ -138,8 +138,8 @@ impl TestCluster {
 
     /// The URL of `path` on node `i`, with the cluster's scheme.
     pub fn url(&self, i: usize, path: &str) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}{path}", self.nodes[i].http)
+        let base = raftwasm::proto::base_url(&self.nodes[i].http, self.tls.is_some());
+        format!("{base}{path}")
     }
 
     /// Starts a cluster of `n` nodes: the first bootstraps, the others join

@@ -22,7 +22,10 @@ const PIECE: usize = 256 << 10;
 /// # Errors
 /// 401 without the token, 421 on a follower, 503 without a leader, 504
 /// when no snapshot comes, 500 when the snapshot cannot be read.
-pub async fn backup(State(app): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn backup(
+    State(app): State<Arc<Node>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     require_token(&app, &headers)?;
     let prepared = app.backup().await?;
     tracing::info!(

@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use openraft::{AnyError, StorageIOError};
+use serde::de::DeserializeOwned;
+
+use super::{NodeId, typ};
 use crate::metrics::LatencyHistogram;
 
 /// Items at least this long may be stored as separate blob files (sled's
@@ -170,4 +174,24 @@ impl Inner {
         *synced = newest;
         Ok(())
     }
+}
+
+/// Reads and decodes (MessagePack) the value under `key` of `tree`; `None`
+/// if it was never written. `to_err` says what was being read, as one of
+/// openraft's `StorageIOError` constructors (`read_vote`, `read_logs`,
+/// `read_state_machine`, ...), so that a failure names its subject.
+///
+/// # Errors
+/// When sled cannot read the tree or the value does not decode as a `T`.
+pub fn read_meta<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+    to_err: fn(AnyError) -> StorageIOError<NodeId>,
+) -> Result<Option<T>, typ::StorageError> {
+    let Some(bytes) = tree.get(key).map_err(|e| to_err(AnyError::new(&e)))? else {
+        return Ok(None);
+    };
+    rmp_serde::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| to_err(AnyError::new(&e)).into())
 }

@@ -19,10 +19,9 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use super::disk::Disk;
+use super::disk::{Disk, read_meta};
 use super::{NodeId, TypeConfig, typ};
 
 /// Tree holding the log: key is the entry's index as `u64` big-endian (so
@@ -372,21 +371,6 @@ fn delete_suffix(
         tree.remove(key).map_err(|e| to_err(AnyError::new(&e)))?;
     }
     Ok(())
-}
-
-/// Reads and decodes the meta value under `key`; `None` if it was never
-/// written.
-fn read_meta<T: DeserializeOwned>(
-    meta: &sled::Tree,
-    key: &[u8],
-    to_err: ToIoError,
-) -> Result<Option<T>, typ::StorageError> {
-    let Some(bytes) = meta.get(key).map_err(|e| to_err(AnyError::new(&e)))? else {
-        return Ok(None);
-    };
-    rmp_serde::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| to_err(AnyError::new(&e)).into())
 }
 
 /// Encodes `value` and stores it under `key` (not flushed).

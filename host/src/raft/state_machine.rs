@@ -28,7 +28,7 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
-use super::disk::Disk;
+use super::disk::{Disk, read_meta};
 use super::redo::{self, RedoHead, Write};
 use super::snapshot_file::{self, SnapshotDir, SnapshotFile};
 use super::{Op, OpOutput, OpResult, Request, Response, TypeConfig, typ};
@@ -279,7 +279,12 @@ impl StateReader {
     /// # Errors
     /// When the state cannot be read.
     pub fn guest_history(&self) -> Result<Vec<SwapRecord>, typ::StorageError> {
-        Ok(read_meta(&self.state.0, KEY_GUEST_HISTORY)?.unwrap_or_default())
+        Ok(read_meta(
+            &self.state.0,
+            KEY_GUEST_HISTORY,
+            StorageIOError::read_state_machine,
+        )?
+        .unwrap_or_default())
     }
 
     /// A SHA-256 over every guest key and value, in key order: equal on two
@@ -310,7 +315,12 @@ impl StateReader {
         // and opening it; the record read next names the newer one.
         let mut tries = 0;
         loop {
-            let Some(stored) = read_meta::<StoredSnapshot>(&self.snapshots, KEY_SNAPSHOT)? else {
+            let Some(stored) = read_meta::<StoredSnapshot>(
+                &self.snapshots,
+                KEY_SNAPSHOT,
+                StorageIOError::read_state_machine,
+            )?
+            else {
                 return Ok(None);
             };
             match std::fs::File::open(self.snapshot_dir.path_of(&stored.file)) {
@@ -496,16 +506,6 @@ fn read_err(e: impl std::fmt::Display) -> typ::StorageError {
 
 fn write_err(e: impl std::fmt::Display) -> typ::StorageError {
     StorageIOError::write_state_machine(&io_err(e)).into()
-}
-
-fn read_meta<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
-    key: &[u8],
-) -> Result<Option<T>, typ::StorageError> {
-    match tree.get(key).map_err(read_err)? {
-        Some(bytes) => rmp_serde::from_slice(&bytes).map(Some).map_err(read_err),
-        None => Ok(None),
-    }
 }
 
 /// Checks that the entry under `key`, if any, decodes as a `T`.
@@ -711,7 +711,8 @@ async fn store_snapshot(
 ) -> Result<std::path::PathBuf, typ::StorageError> {
     let index = meta.last_log_id.map_or(0, |id| id.index);
     let file = dir.store(part, index).map_err(write_err)?;
-    let previous: Option<StoredSnapshot> = read_meta(snapshots, KEY_SNAPSHOT)?;
+    let previous: Option<StoredSnapshot> =
+        read_meta(snapshots, KEY_SNAPSHOT, StorageIOError::read_state_machine)?;
     let stored = StoredSnapshot {
         meta: meta.clone(),
         file: file.clone(),
@@ -738,7 +739,12 @@ async fn open_current_snapshot(
 ) -> Result<Option<typ::Snapshot>, typ::StorageError> {
     let mut attempts = 0;
     loop {
-        let Some(stored) = read_meta::<StoredSnapshot>(snapshots, KEY_SNAPSHOT)? else {
+        let Some(stored) = read_meta::<StoredSnapshot>(
+            snapshots,
+            KEY_SNAPSHOT,
+            StorageIOError::read_state_machine,
+        )?
+        else {
             return Ok(None);
         };
         match SnapshotFile::open(&dir.path_of(&stored.file)).await {
@@ -761,7 +767,12 @@ fn convert_inline_snapshot(
     snapshots: &sled::Tree,
     dir: &SnapshotDir,
 ) -> Result<(), typ::StorageError> {
-    let Some(inline) = read_meta::<InlineSnapshot>(snapshots, KEY_INLINE_SNAPSHOT)? else {
+    let Some(inline) = read_meta::<InlineSnapshot>(
+        snapshots,
+        KEY_INLINE_SNAPSHOT,
+        StorageIOError::read_state_machine,
+    )?
+    else {
         return Ok(());
     };
     let data: InlineSnapshotData = rmp_serde::from_slice(&inline.data).map_err(read_err)?;
@@ -875,7 +886,12 @@ impl StateMachineStore {
         }
         // Modules staged before the order was recorded count as the
         // earliest, in hash order: still the same on every replica.
-        let recorded: Vec<String> = read_meta(&self.tree, KEY_STAGED_ORDER)?.unwrap_or_default();
+        let recorded: Vec<String> = read_meta(
+            &self.tree,
+            KEY_STAGED_ORDER,
+            StorageIOError::read_state_machine,
+        )?
+        .unwrap_or_default();
         let mut unordered: Vec<String> = self
             .staged
             .keys()
@@ -908,7 +924,12 @@ impl StateMachineStore {
     /// Loads the guest recorded in the state as active (or none).
     fn load_active_guest(&mut self) -> Result<(), typ::StorageError> {
         let module = self.tree.get(KEY_GUEST_MODULE).map_err(read_err)?;
-        let since: u64 = read_meta(&self.tree, KEY_GUEST_SINCE)?.unwrap_or(0);
+        let since: u64 = read_meta(
+            &self.tree,
+            KEY_GUEST_SINCE,
+            StorageIOError::read_state_machine,
+        )?
+        .unwrap_or(0);
         let active = match module {
             Some(bytes) => {
                 let module = self
@@ -942,7 +963,11 @@ impl StateMachineStore {
     }
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, typ::StorageError> {
-        read_meta(&self.snapshots, KEY_SNAPSHOT)
+        read_meta(
+            &self.snapshots,
+            KEY_SNAPSHOT,
+            StorageIOError::read_state_machine,
+        )
     }
 
     /// Applies one normal entry's operations; guest writes stay in the
@@ -1092,7 +1117,12 @@ impl StateMachineStore {
             .and_then(|(_, value)| value.as_deref());
         let mut history: Vec<SwapRecord> = match pending {
             Some(bytes) => rmp_serde::from_slice(bytes).map_err(read_err)?,
-            None => read_meta(&self.tree, KEY_GUEST_HISTORY)?.unwrap_or_default(),
+            None => read_meta(
+                &self.tree,
+                KEY_GUEST_HISTORY,
+                StorageIOError::read_state_machine,
+            )?
+            .unwrap_or_default(),
         };
         history.push(record.clone());
         writes.push((KEY_GUEST_HISTORY.to_vec(), Some(encode(&history)?)));
@@ -1298,7 +1328,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // A build that raced with a newer installed snapshot must not
         // replace it; the newer one is the answer then.
         let _storing = self.storing.lock().await;
-        let current: Option<StoredSnapshot> = read_meta(&self.snapshots, KEY_SNAPSHOT)?;
+        let current: Option<StoredSnapshot> = read_meta(
+            &self.snapshots,
+            KEY_SNAPSHOT,
+            StorageIOError::read_state_machine,
+        )?;
         if current.is_some_and(|current| current.meta.last_log_id >= last) {
             let _ = std::fs::remove_file(&part);
             if let Some(current) =

@@ -71,7 +71,11 @@ impl Node {
             }
             Err(refusal) => return Err(ServiceError::Refused(refusal)),
         };
-        match self.batcher.write(Op::ActivateGuest { hash, force }).await? {
+        match self
+            .batcher
+            .write(Op::ActivateGuest { hash, force })
+            .await?
+        {
             Ok(OpOutput::Activated(record)) => Ok(record),
             Ok(other) => Err(ServiceError::Internal(format!(
                 "activating a guest was answered with {other:?}"
