@@ -2,14 +2,27 @@
 //! WebAssembly guest.
 //!
 //! # Layout
+//! - [`node`]: starts a node (storage, Raft, the peer server, the HTTP
+//!   server), bootstraps or joins, and shuts down; [`config`] holds the
+//!   flags.
+//! - [`service`]: [`service::Node`], the node's typed operations (write,
+//!   read with a consistency, deploy, join, remove, status, backup), free of
+//!   HTTP; the center that [`api`] and [`node`] both use.
+//! - [`api`]: thin HTTP handlers over the service, grouped by audience;
+//!   [`http_server`] serves them with per-connection timeouts and a
+//!   connection cap ([`stall_timeout`] bounds a silent socket).
+//! - [`tasks`]: every background task on one tracker, cancelled and awaited
+//!   on shutdown.
+//! - [`raft`]: openraft types, sled storage, the write batcher, the read
+//!   barrier, the peer transport.
 //! - [`runtime`]: the wasmtime guest runtime (load, validate, cache, apply).
-//! - [`raft`]: openraft types, sled storage, the peer transport.
-//! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
-//!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
+//! - [`metrics`]: the counters, gauges and histograms of `/metrics`, in one
+//!   Prometheus registry.
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
 //! - [`proto`]: the HTTP wire types; [`client`]: a typed client of the API
 //!   that finds the leader itself; [`cli`]: the `kv`, `status` and `member`
-//!   subcommands built on it.
+//!   subcommands built on it; [`deploy`]: `raftwasm guest deploy|show`;
+//!   [`bench`]: `raftwasm bench`.
 //! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
 //!
 //! The write path:
