@@ -70,32 +70,33 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_cancels_and_waits_for_every_task() {
-        let tasks = Tasks::new();
-        let finished = Arc::new(AtomicBool::new(false));
-        let dropped = Arc::new(AtomicBool::new(false));
         struct Flag(Arc<AtomicBool>);
         impl Drop for Flag {
             fn drop(&mut self) {
                 self.0.store(true, Ordering::SeqCst);
             }
         }
+        let tasks = Tasks::new();
+        let dropped = Arc::new(AtomicBool::new(false));
         let flag = Flag(dropped.clone());
+        let (started, running) = tokio::sync::oneshot::channel();
         tasks.spawn(async move {
             let _flag = flag;
+            let _ = started.send(());
             std::future::pending::<()>().await;
         });
-        let done = finished.clone();
-        tasks.spawn(async move {
-            done.store(true, Ordering::SeqCst);
-        });
         let nested = tasks.clone();
+        let (spawned, nested_running) = tokio::sync::oneshot::channel();
         tasks.spawn(async move {
             nested.spawn(std::future::pending());
+            let _ = spawned.send(());
         });
+        running.await.expect("the first task runs");
+        nested_running.await.expect("the second task runs");
+        assert!(!dropped.load(Ordering::SeqCst));
         tokio::time::timeout(std::time::Duration::from_secs(10), tasks.shutdown())
             .await
             .expect("every task ends once cancelled");
-        assert!(finished.load(Ordering::SeqCst));
         assert!(
             dropped.load(Ordering::SeqCst),
             "the pending task was dropped"
