@@ -113,7 +113,7 @@ pub struct NodeConfig {
     pub keep_entries: u64,
     /// Snapshot bytes sent to a peer per message: a snapshot of any size
     /// travels as a sequence of pieces of this size.
-    #[arg(long, default_value_t = crate::raft::network::SNAPSHOT_CHUNK_BYTES,
+    #[arg(long, default_value_t = crate::raft::peer::wire::SNAPSHOT_CHUNK_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=(256 << 20)))]
     pub snapshot_chunk_bytes: usize,
     /// How long a write may wait for its commit before its outcome is
@@ -214,8 +214,8 @@ impl NodeConfig {
     }
 
     /// The bounds of each peer-port connection.
-    pub fn peer_limits(&self) -> crate::raft::peer_server::PeerLimits {
-        crate::raft::peer_server::PeerLimits {
+    pub fn peer_limits(&self) -> crate::raft::peer::PeerLimits {
+        crate::raft::peer::PeerLimits {
             hello_timeout: Duration::from_millis(self.header_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections: self.max_peer_connections.max(1),

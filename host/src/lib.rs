@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`runtime`]: the wasmtime guest runtime (load, validate, cache, apply).
-//! - [`raft`]: openraft types, sled storage, the peer transport.
+//! - [`raft`]: openraft types, sled storage, the peer transport
+//!   (`raft::peer`: wire format, client pool, server, streams).
 //! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
