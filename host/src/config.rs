@@ -92,6 +92,11 @@ pub struct NodeConfig {
     /// with an `Origin` other than this node's own address are refused.
     #[arg(long, value_name = "ORIGIN")]
     pub allow_origin: Vec<String>,
+    /// Once both ports listen, write their bound addresses to this file as
+    /// JSON (`{"http": .., "raft": ..}`), atomically. With port 0 in
+    /// `--http` or `--raft`, this is how a supervisor learns the ports.
+    #[arg(long, value_name = "PATH")]
+    pub ports_file: Option<PathBuf>,
     /// Followers forward writes to the leader instead of refusing them.
     #[arg(long)]
     pub forward_writes: bool,

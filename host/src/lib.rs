@@ -11,6 +11,7 @@
 //! - [`proto`]: the HTTP wire types; [`client`]: a typed client of the API
 //!   that finds the leader itself; [`cli`]: the `kv`, `status` and `member`
 //!   subcommands built on it.
+//! - [`ports_file`]: `--ports-file`, the addresses a node bound (port 0).
 //! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
 //!
 //! The write path:
@@ -26,6 +27,7 @@ pub mod deploy;
 pub mod http_server;
 pub mod metrics;
 pub mod node;
+pub mod ports_file;
 pub mod proto;
 pub mod raft;
 pub mod runtime;
