@@ -1,8 +1,7 @@
 //! The WIT bindings: plugs [`crate::cache`] into the `raftwasm:state-machine`
-//! world, with the host's `store` import as the [`Store`].
+//! world, with the host's `store` import as the cache's `Store`.
 
-use crate::cache::{self, Store};
-use raftwasm::state_machine::store;
+use crate::cache;
 
 wit_bindgen::generate!({
     world: "state-machine",
@@ -11,26 +10,7 @@ wit_bindgen::generate!({
 
 struct KvGuest;
 
-/// The host's store, seen through the [`Store`] trait.
-struct HostStore;
-
-impl Store for HostStore {
-    fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
-        store::get(key)
-    }
-
-    fn set(&mut self, key: &[u8], value: &[u8]) {
-        store::set(key, value);
-    }
-
-    fn delete(&mut self, key: &[u8]) {
-        store::delete(key);
-    }
-
-    fn scan(&mut self, start: &[u8], end: &[u8], limit: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
-        store::scan(start, Some(end), limit)
-    }
-}
+crate::host_store!(raftwasm::state_machine::store);
 
 impl Guest for KvGuest {
     fn info() -> GuestInfo {

@@ -9,6 +9,9 @@ use crate::client::Client;
 
 /// What to measure.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  raftwasm bench --cluster=127.0.0.1:6000 --connections=64 --seconds=5
+  raftwasm bench --cluster=127.0.0.1:6000 --swap-guest=my_guest.wasm")]
 pub struct BenchConfig {
     /// HTTP address of the leader (writes) and of the node to read from.
     #[arg(long, default_value = "127.0.0.1:6000")]

@@ -92,6 +92,11 @@ pub struct NodeConfig {
     /// with an `Origin` other than this node's own address are refused.
     #[arg(long, value_name = "ORIGIN")]
     pub allow_origin: Vec<String>,
+    /// Once both ports listen, write their bound addresses to this file as
+    /// JSON (`{"http": .., "raft": ..}`), atomically. With port 0 in
+    /// `--http` or `--raft`, this is how a supervisor learns the ports.
+    #[arg(long, value_name = "PATH")]
+    pub ports_file: Option<PathBuf>,
     /// Followers forward writes to the leader instead of refusing them.
     #[arg(long)]
     pub forward_writes: bool,
@@ -113,7 +118,7 @@ pub struct NodeConfig {
     pub keep_entries: u64,
     /// Snapshot bytes sent to a peer per message: a snapshot of any size
     /// travels as a sequence of pieces of this size.
-    #[arg(long, default_value_t = crate::raft::network::SNAPSHOT_CHUNK_BYTES,
+    #[arg(long, default_value_t = crate::raft::peer::wire::SNAPSHOT_CHUNK_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=(256 << 20)))]
     pub snapshot_chunk_bytes: usize,
     /// How long a write may wait for its commit before its outcome is
@@ -214,8 +219,8 @@ impl NodeConfig {
     }
 
     /// The bounds of each peer-port connection.
-    pub fn peer_limits(&self) -> crate::raft::peer_server::PeerLimits {
-        crate::raft::peer_server::PeerLimits {
+    pub fn peer_limits(&self) -> crate::raft::peer::PeerLimits {
+        crate::raft::peer::PeerLimits {
             hello_timeout: Duration::from_millis(self.header_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections: self.max_peer_connections.max(1),

@@ -12,6 +12,10 @@ use crate::client::Client;
 #[derive(Debug, clap::Subcommand)]
 pub enum GuestCommand {
     /// Upload a `.wasm` guest; every node switches to it at the same log index.
+    #[command(after_help = "Examples:
+  raftwasm guest deploy target/wasm32-unknown-unknown/release/my_guest.wasm
+  raftwasm guest deploy my_guest.wasm --cluster=10.0.0.1:6000,10.0.0.2:6000 --token=$TOKEN
+  raftwasm guest deploy older.wasm --force   # another name, or not a higher version")]
     Deploy {
         /// The module: a wasm32 core module built with wit-bindgen, or a component.
         file: PathBuf,
@@ -29,6 +33,9 @@ pub enum GuestCommand {
         tls_ca: Option<PathBuf>,
     },
     /// Show the active guest and the history of swaps.
+    #[command(after_help = "Examples:
+  raftwasm guest show
+  raftwasm guest show --cluster=10.0.0.1:6000 --tls-ca=ca.pem")]
     Show {
         /// HTTP addresses of cluster members, comma-separated.
         #[arg(long, default_value = "127.0.0.1:6000")]

@@ -14,7 +14,8 @@
 //! - [`tasks`]: every background task on one tracker, cancelled and awaited
 //!   on shutdown.
 //! - [`raft`]: openraft types, sled storage, the write batcher, the read
-//!   barrier, the peer transport.
+//!   barrier, the peer transport (`raft::peer`: wire format, client pool,
+//!   server, streams).
 //! - [`runtime`]: the wasmtime guest runtime (load, validate, cache, apply).
 //! - [`metrics`]: the counters, gauges and histograms of `/metrics`, in one
 //!   Prometheus registry.
@@ -23,6 +24,7 @@
 //!   that finds the leader itself; [`cli`]: the `kv`, `status` and `member`
 //!   subcommands built on it; [`deploy`]: `raftwasm guest deploy|show`;
 //!   [`bench`]: `raftwasm bench`.
+//! - [`ports_file`]: `--ports-file`, the addresses a node bound (port 0).
 //! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
 //!
 //! The write path:
@@ -38,6 +40,7 @@ pub mod deploy;
 pub mod http_server;
 pub mod metrics;
 pub mod node;
+pub mod ports_file;
 pub mod proto;
 pub mod raft;
 pub mod runtime;

@@ -1,6 +1,7 @@
 //! The `raftwasm` binary: parses the command line, sets up logging, and runs
 //! a node (or a client subcommand).
 
+use anyhow::Context as _;
 use clap::Parser as _;
 use raftwasm::config::{Cli, Command, normalize_args};
 
@@ -41,6 +42,15 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Restore(args)) => raftwasm::backup::client::restore(args).await,
             None => {
                 let listeners = raftwasm::node::Listeners::bind(&cli.node).await?;
+                if let Some(path) = &cli.node.ports_file {
+                    let ports = raftwasm::ports_file::PortsFile {
+                        http: listeners.http.local_addr()?.to_string(),
+                        raft: listeners.raft.local_addr()?.to_string(),
+                    };
+                    ports
+                        .write(path)
+                        .with_context(|| format!("cannot write --ports-file={}", path.display()))?;
+                }
                 let shutdown = async {
                     let _ = tokio::signal::ctrl_c().await;
                 };

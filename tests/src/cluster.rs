@@ -1,16 +1,22 @@
-//! `TestCluster`: real `raftwasm` processes on 127.0.0.1 ports chosen at run
-//! time, each with its own data directory and log file, driven over HTTP
-//! (or HTTPS, with certificates made for the test, after
+//! `TestCluster`: real `raftwasm` processes on 127.0.0.1 ports the OS picks
+//! (each node binds port 0 and reports its ports through `--ports-file`),
+//! each with its own data directory and log file, driven over HTTP (or
+//! HTTPS, with certificates made for the test, after
 //! [`TestCluster::with_tls`]).
 //!
 //! Child processes are killed on drop. A failed test keeps the temp dir and
-//! prints where it is and the tail of every node's log.
+//! prints where it is and the tail of every node's log: a panic (also one in
+//! another thread or task), a harness wait that timed out, a node that
+//! failed to start, or [`TestCluster::keep`] from the test's own error path.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use raftwasm::ports_file::PortsFile;
 use raftwasm::proto::Status;
 
 use crate::certs::TestCa;
@@ -39,25 +45,43 @@ pub fn binary() -> PathBuf {
     path
 }
 
-/// A free loopback port, chosen by the OS.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// The address a new node binds: loopback, a port the OS picks when the
+/// node binds it (no port is chosen in advance, so none can be taken
+/// between choosing and binding).
+const ANY_PORT: &str = "127.0.0.1:0";
+
+/// Panics in this test process so far, on any thread.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts panics in [`PANICS`] (then reports them as before), so that a
+/// cluster notices a failed assertion in a spawned task or thread, not only
+/// one on its own thread.
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
 }
 
 /// One node: its addresses, data dir, log file and (while running) process.
 #[derive(Debug)]
 pub struct TestNode {
-    /// `127.0.0.1:port` of the HTTP API.
+    /// `127.0.0.1:port` of the HTTP API (port 0 until the node first
+    /// started and reported the port it bound; it keeps that port on
+    /// restarts, as its peers know it by it).
     pub http: String,
-    /// `127.0.0.1:port` of the peer port.
+    /// `127.0.0.1:port` of the peer port (as [`TestNode::http`]).
     pub raft: String,
     /// The data directory.
     pub dir: PathBuf,
     /// The node's log file.
     pub log: PathBuf,
+    /// Where the node writes the addresses it bound (`--ports-file`).
+    pub ports_file: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
 }
@@ -87,11 +111,16 @@ pub struct TestCluster {
     dir: Option<tempfile::TempDir>,
     client: reqwest::Client,
     tls: Option<TestCa>,
+    /// [`PANICS`] when the cluster was made.
+    panics_before: usize,
+    /// Set when the test failed in a way the harness saw.
+    failed: AtomicBool,
 }
 
 impl TestCluster {
     /// An empty cluster in a new temp dir.
     pub fn new() -> Self {
+        count_panics();
         Self {
             nodes: Vec::new(),
             dir: Some(
@@ -102,7 +131,40 @@ impl TestCluster {
             ),
             client: Self::client_builder().build().expect("http client"),
             tls: None,
+            panics_before: PANICS.load(Ordering::SeqCst),
+            failed: AtomicBool::new(false),
         }
+    }
+
+    /// Keeps the node data and logs when the cluster is dropped, and prints
+    /// where they are with the tail of every node's log: for a test's own
+    /// error paths, which the harness cannot see.
+    pub fn keep(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the cluster's data will be kept on drop: the test panicked,
+    /// something panicked in this process since the cluster was made (a
+    /// failed assertion in a spawned task, or a parallel test of the same
+    /// file: keeping too much is harmless), or [`TestCluster::keep`] was
+    /// called, or a harness wait timed out.
+    pub fn kept(&self) -> bool {
+        std::thread::panicking()
+            || PANICS.load(Ordering::SeqCst) > self.panics_before
+            || self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Passes `result` through, keeping the cluster's data if it is an
+    /// error: `cluster.check(result)?` at the end of a test keeps the logs
+    /// of a test that returns `Err`.
+    ///
+    /// # Errors
+    /// `result`'s error.
+    pub fn check<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            self.keep();
+        }
+        result
     }
 
     fn client_builder() -> reqwest::ClientBuilder {
@@ -165,7 +227,8 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    fn root(&self) -> &Path {
+    /// The temp dir holding every node's data dir, log and ports file.
+    pub fn root(&self) -> &Path {
         self.dir.as_ref().expect("temp dir").path()
     }
 
@@ -188,10 +251,11 @@ impl TestCluster {
             ]);
         }
         let node = TestNode {
-            http: format!("127.0.0.1:{}", free_port()),
-            raft: format!("127.0.0.1:{}", free_port()),
+            http: ANY_PORT.to_owned(),
+            raft: ANY_PORT.to_owned(),
             dir: self.root().join(format!("node{i}")),
             log: self.root().join(format!("node{i}.log")),
+            ports_file: self.root().join(format!("node{i}.ports.json")),
             child: None,
             extra_args,
         };
@@ -199,7 +263,13 @@ impl TestCluster {
         i
     }
 
-    /// Starts node `i` with its addresses, data dir and `args`.
+    /// Starts node `i` with its addresses, data dir and `args`. On its first
+    /// start it binds ports the OS picks; this returns once it has reported
+    /// them (or has exited, e.g. refusing its flags).
+    ///
+    /// # Errors
+    /// When the process cannot be started or does not report its ports in
+    /// time; the cluster's data is then kept.
     pub fn spawn(&mut self, i: usize, args: &[&str]) -> anyhow::Result<()> {
         self.spawn_with_env(i, args, &[])
     }
@@ -211,8 +281,22 @@ impl TestCluster {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<()> {
+        let result = self.start_process(i, args, env);
+        self.check(result)
+    }
+
+    fn start_process(
+        &mut self,
+        i: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         anyhow::ensure!(node.child.is_none(), "node {i} is already running");
+        match std::fs::remove_file(&node.ports_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -221,6 +305,7 @@ impl TestCluster {
             .arg(format!("--http={}", node.http))
             .arg(format!("--raft={}", node.raft))
             .arg(format!("--node={}", node.dir.display()))
+            .arg(format!("--ports-file={}", node.ports_file.display()))
             .args(&node.extra_args)
             .args(args)
             .env("RUST_LOG", "info,raftwasm=debug,openraft=warn")
@@ -236,7 +321,38 @@ impl TestCluster {
             .spawn()
             .with_context(|| format!("starting node {i}"))?;
         node.child = Some(child);
-        Ok(())
+        self.learn_ports(i)
+    }
+
+    /// Waits until node `i` reports the addresses it bound and records them
+    /// in place of port 0. A node that exits first (refusing to start) is
+    /// left for the test to inspect.
+    fn learn_ports(&mut self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + DEADLINE;
+        let node = &mut self.nodes[i];
+        loop {
+            if let Some(ports) = PortsFile::read(&node.ports_file)? {
+                // A port given explicitly (a restart, or a test's choice) is
+                // kept as given; only port 0 is replaced.
+                if node.http.ends_with(":0") {
+                    node.http = ports.http;
+                }
+                if node.raft.ends_with(":0") {
+                    node.raft = ports.raft;
+                }
+                return Ok(());
+            }
+            let child = node.child.as_mut().context("node is not running")?;
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("node {i} did not report its ports within {DEADLINE:?}");
+            }
+            // Binding takes milliseconds; spawn is synchronous, so this
+            // polls without a runtime.
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Kills node `i` with SIGKILL (no shutdown at all).
@@ -442,6 +558,7 @@ impl TestCluster {
             match check().await {
                 Ok(value) => return Ok(value),
                 Err(error) if Instant::now() >= deadline => {
+                    self.keep();
                     bail!("timed out after {DEADLINE:?} waiting for {what}; last: {error:#}")
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -461,7 +578,7 @@ impl Drop for TestCluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
-        if std::thread::panicking() {
+        if self.kept() {
             let dir = self.dir.take().expect("temp dir").keep();
             eprintln!("test failed; node data and logs kept in {}", dir.display());
             for (i, node) in self.nodes.iter().enumerate() {

@@ -1,4 +1,4 @@
-//! The `raftwasm kv`, `status` and `member` subcommands, run as processes
+//! The `raftwasm kv`, `status`, `member` and `guest` subcommands, run as processes
 //! against a real three-node cluster: every subcommand, leader discovery
 //! with the leader killed, the documented exit codes, binary values through
 //! stdin, and `status --json` as a typed `proto::Status`.
@@ -290,5 +290,74 @@ async fn kv_commands_speak_https_to_a_tls_cluster() -> anyhow::Result<()> {
         b"",
     )?);
     assert_eq!(code, Some(3), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_subcommand_has_help_with_examples() -> anyhow::Result<()> {
+    let subcommands: &[&[&str]] = &[
+        &["kv", "get"],
+        &["kv", "set"],
+        &["kv", "delete"],
+        &["kv", "cas"],
+        &["status"],
+        &["member", "add"],
+        &["member", "remove"],
+        &["guest", "deploy"],
+        &["guest", "show"],
+        &["bench"],
+        &["backup"],
+        &["restore"],
+    ];
+    for subcommand in subcommands {
+        let args: Vec<&str> = subcommand.iter().copied().chain(["--help"]).collect();
+        let (code, out, err) = outcome(&raftwasm(&args, &[], b"")?);
+        let help = String::from_utf8_lossy(&out);
+        assert_eq!(code, Some(0), "{subcommand:?}: {err}");
+        assert!(
+            help.contains("Examples:") && help.contains(&format!("raftwasm {}", subcommand[0])),
+            "{subcommand:?} --help has no examples:\n{help}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn guest_commands_deploy_and_show_a_guest() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let leader = cluster.leader().await?;
+    let all = format!("--cluster={}", endpoints(&cluster, (leader + 1) % 3));
+    let before = cluster.typed_status(leader).await?.guest;
+
+    let module = cluster.root().join("kv-next.wasm");
+    std::fs::write(&module, raftwasm_tests::KV_NEXT_GUEST)?;
+    let module = module.to_string_lossy().into_owned();
+    let (code, _, err) = outcome(&raftwasm(&["guest", "deploy", &module, &all], &[], b"")?);
+    assert_eq!(code, Some(0), "{err}");
+    cluster
+        .wait_for("kv-next on every node", || async {
+            for i in 0..3 {
+                let guest = cluster.typed_status(i).await?.guest;
+                let version = guest.as_ref().map(|g| g.version.as_str());
+                anyhow::ensure!(version == Some("0.2.0"), "node {i} runs {version:?}");
+            }
+            Ok(())
+        })
+        .await?;
+    assert_ne!(before, cluster.typed_status(leader).await?.guest);
+
+    let (code, out, err) = outcome(&raftwasm(&["guest", "show", &all], &[], b"")?);
+    assert_eq!(code, Some(0), "{err}");
+    let shown = String::from_utf8_lossy(&out);
+    assert!(shown.contains("0.2.0"), "{shown}");
+
+    // Not a module: refused, and the active guest stays.
+    let junk = cluster.root().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm")?;
+    let junk = junk.to_string_lossy().into_owned();
+    let (code, _, err) = outcome(&raftwasm(&["guest", "deploy", &junk, &all], &[], b"")?);
+    assert_ne!(code, Some(0), "a junk module was accepted: {err}");
+    let guest = cluster.typed_status(leader).await?.guest;
+    assert_eq!(guest.map(|g| g.version), Some("0.2.0".to_owned()));
     Ok(())
 }

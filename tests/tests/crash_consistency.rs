@@ -150,7 +150,7 @@ impl Writer {
         }
         let hint = response
             .headers()
-            .get("x-raft-leader")
+            .get(raftwasm::proto::LEADER_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim_start_matches("http://"))
             .and_then(|h| self.nodes.iter().position(|n| n == h));

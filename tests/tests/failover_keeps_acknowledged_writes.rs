@@ -75,7 +75,7 @@ impl Writer {
                     let status = response.status().as_u16();
                     let hint = response
                         .headers()
-                        .get("x-raft-leader")
+                        .get(raftwasm::proto::LEADER_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .map(|v| v.trim_start_matches("http://").to_owned());
                     let body = response.text().await.unwrap_or_default();

@@ -27,7 +27,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
         .await?;
     assert_eq!(response.status().as_u16(), 421);
     assert_eq!(
-        response.headers()["x-raft-leader"],
+        response.headers()[raftwasm::proto::LEADER_HEADER],
         format!("http://{}", cluster.nodes[leader].http).as_str()
     );
     assert!(!response.text().await?.is_empty());

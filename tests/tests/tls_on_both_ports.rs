@@ -43,7 +43,10 @@ async fn a_tls_cluster_joins_replicates_and_forwards_over_https() -> anyhow::Res
     assert_eq!(response.status().as_u16(), 421);
     let expected = cluster.url(leader, "");
     assert!(expected.starts_with("https://"), "{expected}");
-    assert_eq!(response.headers()["x-raft-leader"], expected.as_str());
+    assert_eq!(
+        response.headers()[raftwasm::proto::LEADER_HEADER],
+        expected.as_str()
+    );
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["leader"], expected.as_str());
 

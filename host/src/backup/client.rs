@@ -13,6 +13,9 @@ use crate::runtime::{GuestRuntime, Limits};
 
 /// `raftwasm backup`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  raftwasm backup -o cluster.backup
+  raftwasm backup --cluster=10.0.0.1:6000,10.0.0.2:6000 --token=$TOKEN -o cluster.backup")]
 pub struct BackupArgs {
     /// Where the cluster is; the leader serves the backup.
     #[command(flatten)]
@@ -25,6 +28,9 @@ pub struct BackupArgs {
 
 /// `raftwasm restore`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  raftwasm restore cluster.backup --node=./node0
+  raftwasm --http=127.0.0.1:6000 --raft=127.0.0.1:7000 --node=./node0 --bootstrap")]
 pub struct RestoreArgs {
     /// The backup file, from `raftwasm backup`.
     pub file: PathBuf,

@@ -7,22 +7,25 @@
 //! - [`state_machine`]: `StateMachineStore`, applies entries through the guest;
 //!   [`redo`] makes each apply call atomic across a crash;
 //!   [`snapshot_file`] is the streamed snapshot format and its files.
-//! - [`network`]: `NetworkFactory`, the peer client over long-lived TCP
-//!   connections; [`peer_server`] answers it on the `--raft` port; both
-//!   open connections through [`peer_stream`] (plain TCP or mutual TLS).
+//! - [`peer`]: the peer transport: wire format, `NetworkFactory` (the
+//!   client openraft drives), the `--raft` port's server, TLS or plain
+//!   streams. [`network`] and [`peer_server`] are its former paths.
 
 use serde::{Deserialize, Serialize};
 
 pub mod batcher;
 pub mod disk;
 pub mod log_store;
-pub mod network;
-pub mod peer_server;
-pub mod peer_stream;
+pub mod peer;
 pub mod read_barrier;
 pub mod redo;
 pub mod snapshot_file;
 pub mod state_machine;
+
+/// The peer client under its former path.
+pub use peer::client as network;
+/// The peer port under its former path.
+pub use peer::server as peer_server;
 
 /// A node's id: chosen on first boot and persisted in its data dir.
 pub type NodeId = u64;

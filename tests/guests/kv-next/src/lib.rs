@@ -9,34 +9,15 @@ wit_bindgen::generate!({
 });
 
 use exports::raftwasm::state_machine::migration;
-use guest_kv::cache::{self, Store};
+use guest_kv::cache;
 use guest_kv::command::{Command, Response};
-use raftwasm::state_machine::store;
 
 /// The command tag of `incr`.
 const INCR: u8 = 0x10;
 
 struct KvNext;
 
-struct HostStore;
-
-impl Store for HostStore {
-    fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
-        store::get(key)
-    }
-
-    fn set(&mut self, key: &[u8], value: &[u8]) {
-        store::set(key, value);
-    }
-
-    fn delete(&mut self, key: &[u8]) {
-        store::delete(key);
-    }
-
-    fn scan(&mut self, start: &[u8], end: &[u8], limit: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
-        store::scan(start, Some(end), limit)
-    }
-}
+guest_kv::host_store!(raftwasm::state_machine::store);
 
 fn set(now: u64, key: &[u8], value: &[u8]) -> Result<(), String> {
     let command = Command::Set { key, value, ttl_ms: 0 }.encode();

@@ -1,9 +1,7 @@
-//! The peer port (`--raft`): accepts connections from other nodes' `PeerClient`s,
-//! checks their [`Hello`], and answers their Raft RPCs through the local [`Raft`].
-//! With `--tls-*`, a connection first completes a mutual TLS handshake: the
-//! client must present a certificate signed by `--tls-ca`.
-//!
-//! Wire format and message types live in [`super::network`].
+//! The peer port (`--raft`): accepts connections from other nodes'
+//! `PeerClient`s, checks their [`Hello`], answers their Raft RPCs through the
+//! local [`Raft`] and assembles the snapshots they send in pieces. With
+//! `--tls-*`, a connection first completes a mutual TLS handshake.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,13 +18,13 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::network::{
+use super::stream::PeerStream;
+use super::wire::{
     FrameError, Hello, HelloReply, MAX_FRAME_LEN, MAX_HELLO_LEN, PROTOCOL_VERSION, PeerRequest,
-    PeerResponse, SnapshotChunk, SnapshotChunkError, read_frame, write_frame,
+    PeerResponse, SnapshotChunk, SnapshotChunkError, frames, read_frame, trim_buffers, write_frame,
 };
-use super::peer_stream::PeerStream;
-use super::snapshot_file::SnapshotFile;
-use super::{NodeId, Raft, typ};
+use crate::raft::snapshot_file::SnapshotFile;
+use crate::raft::{NodeId, Raft, typ};
 use crate::stall_timeout::StallTimeout;
 
 /// The bounds of every peer connection.
@@ -184,7 +182,7 @@ where
             Err(_) => return Err(ConnectionError::HelloTimeout(limits.hello_timeout)),
         };
     let idle = Some(limits.idle_timeout);
-    let mut stream = StallTimeout::new(stream, idle, idle);
+    let mut stream = frames(StallTimeout::new(stream, idle, idle));
 
     let hello = tokio::time::timeout_at(deadline, read_frame(&mut stream, MAX_HELLO_LEN));
     let hello: Hello = match hello.await {
@@ -215,6 +213,7 @@ where
         };
         let response = handler(request).await;
         write_frame(&mut stream, &response).await?;
+        trim_buffers(&mut stream);
     }
 }
 

@@ -122,8 +122,9 @@ mod tests {
     use openraft::raft::{AppendEntriesResponse, VoteRequest, VoteResponse};
 
     use super::*;
-    use crate::raft::network::{NetworkFactory, PeerRequest, PeerResponse};
-    use crate::raft::peer_server::{PeerLimits, serve_with};
+    use crate::raft::peer::client::NetworkFactory;
+    use crate::raft::peer::server::{PeerLimits, serve_with};
+    use crate::raft::peer::wire::{PeerRequest, PeerResponse};
     use crate::raft::{NodeId, NodeInfo};
     use crate::tls::Tls;
     use crate::tls::test_certs::{NodeFiles, TestCa};
