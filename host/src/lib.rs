@@ -11,6 +11,8 @@
 //!   that finds the leader itself; [`cli`]: the `kv`, `status` and `member`
 //!   subcommands built on it.
 //! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
+//! - [`watch`]: the feed of applied changes behind `GET /watch` (the replay
+//!   window, fan-out to watchers, the SSE format).
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
@@ -30,6 +32,7 @@ pub mod raft;
 pub mod runtime;
 pub mod stall_timeout;
 pub mod tls;
+pub mod watch;
 
 /// The configuration of the property tests: `cases` per property, unless
 /// `PROPTEST_CASES` asks for another number (e.g. for a longer local run).

@@ -2,7 +2,8 @@
 //! - [`kv`]: clients — `/set`, `/get`, `/delete`, `/cas`, `/apply`, `/query`;
 //! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
 //!   and `/read_index` for followers' linearizable reads;
-//! - [`backup`]: operators — `GET /backup`.
+//! - [`backup`]: operators — `GET /backup`;
+//! - `watch`: clients — `GET /watch`, the change feed as Server-Sent Events.
 //!
 //! State-changing requests from a foreign browser origin are refused before
 //! routing (see `origin`).
@@ -27,6 +28,7 @@ pub mod guest;
 mod kv;
 mod origin;
 mod query;
+mod watch;
 pub mod write_queue;
 
 /// The response header that names the leader's HTTP address.
@@ -55,6 +57,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(cluster::metrics))
         .route("/read_index", get(cluster::read_index))
         .route("/backup", get(backup::backup))
+        .route("/watch", get(watch::watch))
         .route(
             "/guest",
             get(guest::show)
