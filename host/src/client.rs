@@ -417,6 +417,14 @@ impl Client {
                     };
                     let mut dropped = None;
                     for event in parser.push(&chunk) {
+                        // A watch from now learns where "now" was, so that a
+                        // resume elsewhere misses nothing.
+                        if position.is_none()
+                            && let Some(index) = crate::watch::sse::start_index(&event.comment)
+                        {
+                            position = Some((index, 0));
+                            skip = position;
+                        }
                         if event.event == "dropped" {
                             dropped = Some(format!("{url} dropped the watch: {}", event.data));
                             break;

@@ -54,6 +54,9 @@ impl Watcher {
                             Some(format!("dropped: {}", event.data));
                         return;
                     }
+                    if event.event != "put" && event.event != "delete" {
+                        continue;
+                    }
                     let change: ChangeEvent<'_> =
                         serde_json::from_str(&event.data).expect("a change event");
                     if skip > 0 && change.index == from {
@@ -296,7 +299,8 @@ async fn from_older_than_the_window_is_gone_with_the_oldest_index() -> anyhow::R
         let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
             .await??
             .expect("the stream goes on");
-        if let Some(event) = parser.push(&chunk).into_iter().next() {
+        let mut changes = parser.push(&chunk).into_iter().filter(|e| e.event == "put");
+        if let Some(event) = changes.next() {
             break event;
         }
     };

@@ -45,10 +45,7 @@ pub async fn watch(
             return Err(ApiError::Unavailable(error.to_string()));
         }
     };
-    let start = sse::comment(&format!(
-        "watching from index {}",
-        subscription.next_index()
-    ));
+    let start = sse::start(subscription.next_index());
     let stream = futures::stream::unfold(
         Some((subscription, prefix, Some(start))),
         |state| async move {

@@ -142,8 +142,20 @@ pub fn dropped(reason: &str) -> Bytes {
     Bytes::from(format!("event: dropped\ndata: {data}\n\n"))
 }
 
-/// An SSE comment line (ignored by clients), such as where a stream
-/// starts.
+/// The comment that opens a stream: the index it starts from, which a
+/// client watching "from now" keeps in order to resume elsewhere.
+pub fn start(index: u64) -> Bytes {
+    comment(&format!("{START} {index}"))
+}
+
+/// The index in the comment [`start`] sends.
+pub fn start_index(comment: &str) -> Option<u64> {
+    comment.strip_prefix(START)?.trim().parse().ok()
+}
+
+const START: &str = "watching from index";
+
+/// An SSE comment line (ignored by clients).
 pub fn comment(text: &str) -> Bytes {
     Bytes::from(format!(": {}\n\n", text.replace('\n', " ")))
 }
@@ -155,10 +167,14 @@ pub struct RawEvent {
     pub event: String,
     /// The `data:` lines, joined with newlines.
     pub data: String,
+    /// The text of the block's comment lines (such as the node's
+    /// `watching from index N`), joined with newlines.
+    pub comment: String,
 }
 
-/// Splits the bytes of an SSE stream into events as they arrive; comments
-/// and unknown fields are dropped.
+/// Splits the bytes of an SSE stream into events as they arrive; unknown
+/// fields are dropped, and a block of comments only is an event with just
+/// `comment`.
 #[derive(Debug, Default)]
 pub struct Parser {
     buffer: Vec<u8>,
@@ -173,18 +189,21 @@ impl Parser {
             let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
             let mut event = RawEvent::default();
             let mut data: Vec<&str> = Vec::new();
+            let mut comment: Vec<&str> = Vec::new();
             let text = String::from_utf8_lossy(&block);
-            for line in text.lines() {
+            for line in text.lines().filter(|line| !line.is_empty()) {
                 let (field, value) = line.split_once(':').unwrap_or((line, ""));
                 let value = value.strip_prefix(' ').unwrap_or(value);
                 match field {
+                    "" => comment.push(value),
                     "event" => event.event = value.to_owned(),
                     "data" => data.push(value),
                     _ => {}
                 }
             }
-            if !data.is_empty() || !event.event.is_empty() {
-                event.data = data.join("\n");
+            event.data = data.join("\n");
+            event.comment = comment.join("\n");
+            if !event.data.is_empty() || !event.event.is_empty() || !event.comment.is_empty() {
                 events.push(event);
             }
         }
@@ -220,7 +239,7 @@ mod tests {
         let changes = [change(b"k", Some(b"line1\nline2 \"q\""))];
         let chunk = entry(1, &changes).expect("some changes");
         let text = std::str::from_utf8(&chunk).expect("text");
-        assert_eq!(text.lines().count(), 3);
+        assert_eq!(text.trim_end().lines().count(), 3, "{text}");
         let data = text
             .lines()
             .nth(2)
@@ -270,10 +289,12 @@ mod tests {
             events.extend(parser.push(piece));
         }
         let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
-        assert_eq!(names, ["put", "delete", "dropped"]);
-        let first: ChangeEvent<'_> = serde_json::from_str(&events[0].data).expect("parses");
+        assert_eq!(names, ["", "put", "delete", "", "dropped"]);
+        assert_eq!(events[0].comment, "start");
+        assert_eq!(events[3].comment, "keep-alive");
+        let first: ChangeEvent<'_> = serde_json::from_str(&events[1].data).expect("parses");
         assert_eq!((first.index, first.key.as_ref()), (7, "a"));
-        assert_eq!(events[2].data, r#"{"reason":"slow"}"#);
+        assert_eq!(events[4].data, r#"{"reason":"slow"}"#);
     }
 
     #[test]
@@ -283,5 +304,8 @@ mod tests {
             Bytes::from_static(b"event: dropped\ndata: {\"reason\":\"too \\\"slow\\\"\"}\n\n")
         );
         assert_eq!(comment("a\nb"), Bytes::from_static(b": a b\n\n"));
+        let mut parser = Parser::default();
+        let events = parser.push(&start(42));
+        assert_eq!(start_index(&events[0].comment), Some(42));
     }
 }
