@@ -160,6 +160,29 @@ fn check_limits(command: &Command<'_>) -> Result<(), Refusal> {
     }
 }
 
+/// One store change as the watch hook sees it: a key and its new value, or
+/// `None` for a deletion.
+pub type Change = (Vec<u8>, Option<Vec<u8>>);
+
+/// What watchers see of one entry's store changes (the guest's watch hook):
+/// a data entry becomes the user's key with its value (without the expiry
+/// prefix), or a deletion of the user's key; expiry-index entries are left
+/// out. So an expired key that the sweep removes shows as a deletion. It is
+/// a pure function of `changes`, as the hook must be.
+pub fn describe(changes: Vec<Change>) -> Vec<Change> {
+    changes
+        .into_iter()
+        .filter_map(|(mut key, value)| {
+            if key.first() != Some(&DATA) {
+                return None;
+            }
+            key.remove(0);
+            let value = value.map(|mut stored| stored.split_off(8.min(stored.len())));
+            Some((key, value))
+        })
+        .collect()
+}
+
 fn put(store: &mut impl Store, now_ms: u64, key: &[u8], value: &[u8], ttl_ms: u64) {
     let expires_at = if ttl_ms == 0 {
         0
@@ -283,6 +306,33 @@ mod tests {
 
     fn run(store: &mut MemoryStore, now: u64, command: Command<'_>) -> Response {
         apply(store, now, true, &command.encode()).expect("command applies")
+    }
+
+    #[test]
+    fn describe_shows_user_keys_and_hides_the_expiry_index() {
+        let mut store = MemoryStore::default();
+        run(
+            &mut store,
+            1,
+            Command::Set {
+                key: b"k",
+                value: b"v",
+                ttl_ms: 10,
+            },
+        );
+        let mut changes: Vec<Change> = store
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        changes.push((data_key(b"gone"), None));
+        assert_eq!(
+            describe(changes),
+            vec![
+                (b"k".to_vec(), Some(b"v".to_vec())),
+                (b"gone".to_vec(), None)
+            ]
+        );
     }
 
     #[test]

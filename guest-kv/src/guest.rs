@@ -1,10 +1,12 @@
 //! The WIT bindings: plugs [`crate::cache`] into the `raftwasm:state-machine`
-//! world, with the host's `store` import as the cache's `Store`.
+//! world (with the watch hook), with the host's `store` import as the cache's
+//! `Store`.
 
 use crate::cache;
+use exports::raftwasm::state_machine::watch::{self, Change};
 
 wit_bindgen::generate!({
-    world: "state-machine",
+    world: "state-machine-with-watch",
     path: "../wit",
 });
 
@@ -30,6 +32,16 @@ impl Guest for KvGuest {
         cache::query(&mut HostStore, ctx.time_ms, &request)
             .map(|response| response.encode())
             .map_err(|refusal| refusal.to_string())
+    }
+}
+
+impl watch::Guest for KvGuest {
+    fn describe(changes: Vec<Change>) -> Vec<Change> {
+        let raw = changes.into_iter().map(|c| (c.key, c.value)).collect();
+        cache::describe(raw)
+            .into_iter()
+            .map(|(key, value)| Change { key, value })
+            .collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Guest runtime benchmark: nanoseconds per applied command through the
 //! bundled guest against the same cache logic compiled natively, and the time
-//! to load the bundled guest from the compile cache.
+//! to load the bundled guest from the compile cache, and what recording
+//! each entry's changes for watchers (the guest's watch hook) adds.
 //!
 //! Run with `cargo bench -p raftwasm --bench guest_apply`.
 
@@ -47,28 +48,44 @@ fn main() {
     let runtime = GuestRuntime::new(Limits::default(), None).expect("engine");
     let module = runtime.load(BUNDLED_GUEST).expect("bundled guest");
 
-    let guest = median(
-        (0..ROUNDS)
-            .map(|_| {
-                let state = Arc::new(MemoryState::default());
-                let mut instance = module.instantiate(state.clone());
-                let start = Instant::now();
-                for (entry, batch) in commands.chunks(BATCH).enumerate() {
-                    for (position, command) in batch.iter().enumerate() {
-                        let ctx = Context {
-                            index: entry as u64 + 1,
-                            position: position as u32,
-                            time_ms: 1_000,
-                        };
-                        let outcome = instance.apply(ctx, command).expect("no host fault");
-                        assert!(outcome.result.is_ok());
+    // ns per command with `per_entry` commands in each entry, recording
+    // each entry's changes as the state machine does for watchers when
+    // `watched`.
+    let through_guest = |per_entry: usize, watched: bool| {
+        let commands = &commands[..commands.len() / BATCH * per_entry.min(BATCH)];
+        median(
+            (0..ROUNDS)
+                .map(|_| {
+                    let state = Arc::new(MemoryState::default());
+                    let mut instance = module.instantiate(state.clone());
+                    let start = Instant::now();
+                    for (entry, batch) in commands.chunks(per_entry).enumerate() {
+                        for (position, command) in batch.iter().enumerate() {
+                            let ctx = Context {
+                                index: entry as u64 + 1,
+                                position: position as u32,
+                                time_ms: 1_000,
+                            };
+                            let outcome = instance.apply(ctx, command).expect("no host fault");
+                            assert!(outcome.result.is_ok());
+                        }
+                        if watched {
+                            let touched = instance.take_touched();
+                            let changes = instance.pending_changes(touched);
+                            let described = instance.describe(changes).expect("no host fault");
+                            assert_eq!(described.len(), batch.len().min(KEYS));
+                        }
+                        state.commit(instance.take_writes());
                     }
-                    state.commit(instance.take_writes());
-                }
-                per_op(start.elapsed(), commands.len())
-            })
-            .collect(),
-    );
+                    per_op(start.elapsed(), commands.len())
+                })
+                .collect(),
+        )
+    };
+    let guest = through_guest(BATCH, false);
+    let guest_watched = through_guest(BATCH, true);
+    let single = through_guest(1, false);
+    let single_watched = through_guest(1, true);
 
     let native = median(
         (0..ROUNDS)
@@ -124,6 +141,15 @@ fn main() {
         "  guest overhead    : {:8.0} ns/command ({:.1}x)",
         guest - native,
         guest / native
+    );
+    println!("recording changes for watchers (take the touched keys, watch hook):");
+    println!(
+        "  {BATCH} commands/entry : {guest_watched:8.0} ns/command (+{:.0})",
+        guest_watched - guest
+    );
+    println!(
+        "  1 command/entry   : {single_watched:8.0} ns/entry (+{:.0}; {single:.0} without)",
+        single_watched - single
     );
     println!("bundled guest ({} bytes)", BUNDLED_GUEST.len());
     println!(

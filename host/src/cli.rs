@@ -1,4 +1,4 @@
-//! The client subcommands `raftwasm kv`, `raftwasm status` and
+//! The client subcommands `raftwasm kv` (including `kv watch`), `raftwasm status` and
 //! `raftwasm member`: thin layers over [`Client`] that read values from
 //! arguments or stdin, print results, and exit with documented codes.
 
@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 
 use crate::client::{Cas, Client, ClientError, Consistency};
 use crate::proto::{JoinRequest, NodeId, Status};
+use crate::watch::sse::ChangeEvent;
 
 /// The exit codes, as every subcommand's `--help` shows them (a macro, so
 /// that `concat!` can append them to each subcommand's examples).
@@ -138,6 +139,27 @@ pub enum KvCommand {
         /// Expire the key after this many seconds.
         #[arg(long, value_parser = seconds)]
         ttl: Option<f64>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Print every change under PREFIX as it is applied, one line each
+    /// (`INDEX put KEY VALUE` or `INDEX delete KEY`), until interrupted.
+    /// Follows the cluster through node failures, resuming where it was.
+    /// Keys and values that are not UTF-8 are printed as `base64:…`.
+    #[command(after_help = concat!("Examples:
+  raftwasm kv watch user:                 (changes from now on)
+  raftwasm kv watch user: --from=120      (replay from log index 120, then follow)
+  raftwasm kv watch '' --json | jq .key   (every key, one JSON object a line)", exit_codes!()))]
+    Watch {
+        /// The key prefix; empty watches every key.
+        prefix: String,
+        /// Replay the changes of entries from this log index on first
+        /// (nodes keep a bounded window of recent ones).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Print each change as the JSON object of the HTTP stream.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -305,6 +327,47 @@ pub async fn kv(command: KvCommand) -> Result<(), Failure> {
                 }
             }
         }
+        KvCommand::Watch {
+            prefix,
+            from,
+            json,
+            cluster,
+        } => {
+            let client = cluster.client()?;
+            client
+                .watch(prefix.as_bytes(), from, |change| {
+                    let line = watch_line(change, json);
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{line}")
+                        .and_then(|()| out.flush())
+                        .map_err(|e| ClientError::Setup(format!("cannot write to stdout: {e}")))
+                })
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// How `kv watch` prints one change.
+fn watch_line(change: &ChangeEvent<'_>, json: bool) -> String {
+    if json {
+        return serde_json::to_string(change).unwrap_or_default();
+    }
+    let shown = |text: &str| {
+        if change.base64 {
+            format!("base64:{text}")
+        } else {
+            text.to_owned()
+        }
+    };
+    match &change.value {
+        Some(value) => format!(
+            "{} put {} {}",
+            change.index,
+            shown(&change.key),
+            shown(value)
+        ),
+        None => format!("{} delete {}", change.index, shown(&change.key)),
     }
 }
 

@@ -11,9 +11,17 @@ use reqwest::{Method, StatusCode};
 
 pub use crate::proto::Consistency;
 use crate::proto::{GuestHistory, JoinRequest, LEADER_HEADER, NodeId, Role, Status, SwapRecord};
+use crate::watch::sse::ChangeEvent;
 
 /// How often a request asks again while the cluster has no leader.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a watch stream may last: as long as it keeps moving.
+const WATCH_STREAM_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
+/// How long a watch stream may stay silent (a node sends a keep-alive
+/// every 15 s) before the client takes it for dead and moves on.
+const WATCH_SILENCE: Duration = Duration::from_secs(45);
 
 /// Why a request failed. [`ClientError::exit_code`] maps each kind to the
 /// CLI's documented exit codes.
@@ -316,6 +324,127 @@ impl Client {
                 .map_err(|e| broke_off(format!("cannot write what arrived: {e}")))?;
         }
         Ok(url)
+    }
+
+    /// Follows the changes under `prefix` (`GET /watch`) from index `from`
+    /// (or from now), calling `on_change` for each, until `on_change` fails.
+    /// Any member serves a watch; when a stream breaks off (its node died,
+    /// or dropped a slow watcher) it resumes on the next member from the
+    /// last change delivered, with no gap and no duplicate.
+    ///
+    /// # Errors
+    /// [`ClientError::Unreachable`] when no member serves a watch within the
+    /// timeout, a refusal (such as 410 for a `from` older than every
+    /// member's window), or what `on_change` returned.
+    pub async fn watch(
+        &self,
+        prefix: &[u8],
+        from: Option<u64>,
+        mut on_change: impl FnMut(&ChangeEvent<'_>) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        // The entry to resume from, and how many of its changes were
+        // delivered already (each entry's changes come in the same order
+        // from every member).
+        let mut position = from.map(|index| (index, 0_usize));
+        let mut deadline = Instant::now() + self.timeout;
+        let mut last = String::from("nothing tried");
+        let mut gone = None;
+        loop {
+            for base in &self.endpoints {
+                let mut url = format!("{base}/watch?prefix={}", encode(prefix));
+                if let Some((index, _)) = position {
+                    url.push_str(&format!("&from={index}"));
+                }
+                let sent = self.send(
+                    &Method::GET,
+                    &url,
+                    Payload::Empty,
+                    Some(WATCH_STREAM_TIMEOUT),
+                );
+                let mut response = match tokio::time::timeout(self.timeout, sent).await {
+                    Ok(Ok((response, _))) => response,
+                    Ok(Err(error)) => {
+                        last = format!("cannot watch {url}: {error}");
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("{url} did not answer within {:?}", self.timeout);
+                        continue;
+                    }
+                };
+                let status = response.status();
+                if !status.is_success() {
+                    let body = response.bytes().await.unwrap_or_default();
+                    let error = refusal(url.clone(), status, &body);
+                    last = error.to_string();
+                    match status {
+                        StatusCode::GONE => gone = Some(error),
+                        s if s.is_server_error() => {}
+                        _ => return Err(error),
+                    }
+                    continue;
+                }
+                gone = None;
+                let mut skip = position;
+                let mut parser = crate::watch::sse::Parser::default();
+                last = loop {
+                    let chunk = match tokio::time::timeout(WATCH_SILENCE, response.chunk()).await {
+                        Ok(Ok(Some(chunk))) => chunk,
+                        Ok(Ok(None)) => break format!("{url} ended the stream"),
+                        Ok(Err(error)) => break format!("{url} broke off: {error}"),
+                        Err(_) => break format!("{url} fell silent for {WATCH_SILENCE:?}"),
+                    };
+                    let mut dropped = None;
+                    for event in parser.push(&chunk) {
+                        // A watch from now learns where "now" was, so that a
+                        // resume elsewhere misses nothing.
+                        if position.is_none()
+                            && let Some(index) = crate::watch::sse::start_index(&event.comment)
+                        {
+                            position = Some((index, 0));
+                            skip = position;
+                        }
+                        if event.event == "dropped" {
+                            dropped = Some(format!("{url} dropped the watch: {}", event.data));
+                            break;
+                        }
+                        if event.event != "put" && event.event != "delete" {
+                            continue;
+                        }
+                        let change: ChangeEvent<'_> =
+                            serde_json::from_str(&event.data).map_err(|e| {
+                                ClientError::Protocol {
+                                    url: url.clone(),
+                                    message: format!("a change event does not parse: {e}"),
+                                }
+                            })?;
+                        if let Some((index, count)) = &mut skip
+                            && *index == change.index
+                            && *count > 0
+                        {
+                            *count -= 1;
+                            continue;
+                        }
+                        skip = None;
+                        position = match position {
+                            Some((index, count)) if index == change.index => {
+                                Some((index, count + 1))
+                            }
+                            _ => Some((change.index, 1)),
+                        };
+                        on_change(&change)?;
+                    }
+                    if let Some(reason) = dropped {
+                        break reason;
+                    }
+                };
+                deadline = Instant::now() + self.timeout;
+            }
+            if Instant::now() + RETRY_EVERY >= deadline {
+                return Err(gone.unwrap_or_else(|| self.unreachable(last)));
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
     }
 
     /// Sends `path_and_query` to the leader (see [`Self::leader_call`]) and

@@ -156,6 +156,19 @@ pub struct NodeConfig {
     /// Peer-port connections served at once; more are closed.
     #[arg(long, default_value_t = 64)]
     pub max_peer_connections: usize,
+    /// The most recent entries whose changes `GET /watch?from=` can replay
+    /// (kept in memory; empty again after a restart).
+    #[arg(long, default_value_t = 10_000)]
+    pub watch_window_entries: usize,
+    /// The most bytes of changes the watch replay window keeps.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub watch_window_bytes: usize,
+    /// How many entries a watcher may fall behind before it is dropped.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub watch_queue_entries: u32,
+    /// Watchers (`GET /watch`) served at once; more are answered 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_watchers: usize,
     /// This node's certificate chain (PEM, its own certificate first). With
     /// --tls-key and --tls-ca, turns on TLS for the HTTP API and the peer
     /// port; every node of a cluster must then use TLS.
@@ -215,6 +228,16 @@ impl NodeConfig {
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections: self.max_connections.max(1),
+        }
+    }
+
+    /// The bounds of the watch feed.
+    pub fn watch_limits(&self) -> crate::watch::WatchLimits {
+        crate::watch::WatchLimits {
+            window_entries: self.watch_window_entries,
+            window_bytes: self.watch_window_bytes,
+            queue_entries: self.watch_queue_entries as usize,
+            max_watchers: self.max_watchers,
         }
     }
 

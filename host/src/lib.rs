@@ -26,6 +26,8 @@
 //!   [`bench`]: `raftwasm bench`.
 //! - [`ports_file`]: `--ports-file`, the addresses a node bound (port 0).
 //! - [`backup`]: the backup file, `raftwasm backup` and `raftwasm restore`.
+//! - [`watch`]: the feed of applied changes behind `GET /watch` (the replay
+//!   window, fan-out to watchers, the SSE format).
 //!
 //! The write path:
 //! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
@@ -48,6 +50,7 @@ pub mod service;
 pub mod stall_timeout;
 pub mod tasks;
 pub mod tls;
+pub mod watch;
 
 /// The configuration of the property tests: `cases` per property, unless
 /// `PROPTEST_CASES` asks for another number (e.g. for a longer local run).

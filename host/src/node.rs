@@ -25,6 +25,7 @@ use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
 use crate::service::Node;
 use crate::service::write_queue::WriteQueue;
 use crate::tasks::Tasks;
+use crate::watch::WatchHub;
 
 /// The two listening sockets of a node, bound before it starts so that tests
 /// can bind port 0 and learn the real addresses.
@@ -97,9 +98,11 @@ pub async fn run(
         }
         None => BUNDLED_GUEST.to_vec(),
     };
-    let state_machine =
+    let mut state_machine =
         StateMachineStore::open(&disk, &config.node.join("snapshots"), runtime.clone())?;
     let state = state_machine.reader();
+    let watch = Arc::new(WatchHub::new(config.watch_limits()));
+    state_machine.record_changes(watch.clone());
 
     let addrs = NodeInfo {
         api_addr: listeners.http.local_addr()?.to_string(),
@@ -163,6 +166,7 @@ pub async fn run(
         metrics,
         http: http_client(tls.as_ref())?,
         log: log_store,
+        watch: watch.clone(),
     });
     tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
     tasks.spawn(watch_role(app.clone()));
@@ -204,7 +208,12 @@ pub async fn run(
         api::router(app.clone()),
         config.http_limits(),
         tls.map(|tls| tls.http),
-        shutdown,
+        // Watch streams never end on their own; they must end for the
+        // connections to close.
+        async move {
+            shutdown.await;
+            watch.close();
+        },
     )
     .await;
     // The HTTP server has finished its requests; stop the background tasks

@@ -2,7 +2,8 @@
 //! - [`kv`]: clients — `/set`, `/get`, `/delete`, `/cas`, `/apply`, `/query`;
 //! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
 //!   and `/read_index` for followers' linearizable reads;
-//! - [`backup`]: operators — `GET /backup`.
+//! - [`backup`]: operators — `GET /backup`;
+//! - `watch`: clients — `GET /watch`, the change feed as Server-Sent Events.
 //!
 //! State-changing requests from a foreign browser origin are refused before
 //! routing (see `origin`).
@@ -30,6 +31,7 @@ pub mod guest;
 mod kv;
 mod origin;
 mod query;
+mod watch;
 
 /// The response header that names the leader's HTTP address.
 pub use crate::proto::LEADER_HEADER;
@@ -66,6 +68,7 @@ pub fn router(app: Arc<Node>) -> Router {
         .route("/metrics", get(cluster::metrics))
         .route("/read_index", get(cluster::read_index))
         .route("/backup", get(backup::backup))
+        .route("/watch", get(watch::watch))
         .route(
             "/guest",
             post(guest::upload)

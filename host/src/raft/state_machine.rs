@@ -36,6 +36,7 @@ use crate::metrics::ApplyStats;
 use crate::runtime::{
     Context, GuestInstance, GuestModule, GuestRuntime, HostFault, Outcome, StateRead,
 };
+use crate::watch::{EntryChanges, WatchHub};
 
 const GUEST: u8 = 0x01;
 /// The sled tree that holds the state.
@@ -494,6 +495,10 @@ pub struct StateMachineStore {
     time_ms: u64,
     /// The sequence number of the last redo record.
     redo_seq: u64,
+    /// The watch feed this node records applied changes into, if any.
+    watch: Option<Arc<WatchHub>>,
+    /// The guest keys written by the current entry's commands so far.
+    touched: Vec<Vec<u8>>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -842,6 +847,8 @@ impl StateMachineStore {
             membership: typ::StoredMembership::default(),
             time_ms: 0,
             redo_seq: 0,
+            watch: None,
+            touched: Vec::new(),
         };
         let applied = redo::read_head(&sm.tree)
             .map_err(read_err)?
@@ -868,6 +875,37 @@ impl StateMachineStore {
     /// A handle for queries and status.
     pub fn reader(&self) -> StateReader {
         self.reader.clone()
+    }
+
+    /// Records what every entry applied from now on changes into `hub`,
+    /// whose window starts after the current applied index.
+    pub fn record_changes(&mut self, hub: Arc<WatchHub>) {
+        hub.reset(self.applied.map_or(0, |id| id.index));
+        self.watch = Some(hub);
+    }
+
+    /// Moves the keys the last command wrote to the current entry's.
+    fn collect_touched(&mut self) {
+        if self.watch.is_some()
+            && let Some(instance) = self.instance.as_mut()
+        {
+            self.touched.extend(instance.take_touched());
+        }
+    }
+
+    /// What the entry at `index` changed, as the active guest describes it;
+    /// `None` when it changed nothing or nobody records changes.
+    fn entry_changes(&mut self, index: u64) -> Result<Option<EntryChanges>, typ::StorageError> {
+        let keys = std::mem::take(&mut self.touched);
+        let Some(instance) = self.instance.as_mut() else {
+            return Ok(None);
+        };
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let changes = instance.pending_changes(keys);
+        let described = instance.describe(changes).map_err(write_err)?;
+        Ok(Some(EntryChanges::new(index, described)))
     }
 
     fn load_meta(&mut self) -> Result<(), typ::StorageError> {
@@ -995,6 +1033,7 @@ impl StateMachineStore {
                 }
             };
             results.push(result);
+            self.collect_touched();
         }
         Ok(Response { results })
     }
@@ -1169,6 +1208,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let started = std::time::Instant::now();
         let mut writes: Vec<Write> = Vec::new();
         let mut responses = Vec::new();
+        let mut changed = Vec::new();
         for entry in entries {
             self.applied = Some(entry.log_id);
             let response = match &entry.payload {
@@ -1182,6 +1222,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     self.apply_request(&entry.log_id, request, &mut writes)?
                 }
             };
+            if self.watch.is_some() {
+                changed.extend(self.entry_changes(entry.log_id.index)?);
+            }
             responses.push(response);
         }
         if let Some(instance) = self.instance.as_mut() {
@@ -1204,6 +1247,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .commit(|| redo::commit(&self.tree, &self.disk, head, &writes))
             .map_err(write_err)?;
         self.redo_seq = head.seq;
+        if let (Some(hub), Some(applied)) = (&self.watch, self.applied) {
+            hub.publish(changed, applied.index);
+        }
         let ops: usize = responses.iter().map(|r| r.results.len()).sum();
         self.reader
             .stats
@@ -1287,6 +1333,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.load_meta()?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        if let Some(hub) = &self.watch {
+            hub.reset(self.applied.map_or(0, |id| id.index));
+        }
         Ok(())
     }
 

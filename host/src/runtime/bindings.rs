@@ -42,6 +42,25 @@ const STORE_INTERFACE: &str = "raftwasm:state-machine/store@0.1.0";
 /// (`None`: the key had no pending entry).
 pub(super) type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
 
+/// One change to a key, as the optional `watch` interface passes it: the
+/// key's new value, or `None` when it was deleted.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    wasmtime::component::ComponentType,
+    wasmtime::component::Lift,
+    wasmtime::component::Lower,
+)]
+#[component(record)]
+pub struct Change {
+    /// The key that changed.
+    pub key: Vec<u8>,
+    /// Its new value; `None` when it was deleted.
+    pub value: Option<Vec<u8>>,
+}
+
 /// The data of one wasmtime `Store`: the state a guest call works on.
 pub struct HostState {
     /// The committed state.
@@ -50,6 +69,10 @@ pub struct HostState {
     pub(super) batch: Overlay,
     /// What each write of the current call replaced in `batch`, in order.
     pub(super) undo: Vec<Undo>,
+    /// The keys written by successful calls since the last take, in write
+    /// order and possibly repeated: what the watch feed attributes to an
+    /// entry. Cleared with the batch.
+    pub(super) touched: Vec<Vec<u8>>,
     /// `true` during `query`: writes trap.
     pub(super) read_only: bool,
     /// A host-side failure (storage I/O) met during the call. It makes the
@@ -89,9 +112,10 @@ impl HostState {
         Ok(())
     }
 
-    /// Keeps the current call's writes.
+    /// Keeps the current call's writes; their keys join `touched` (a move,
+    /// not a copy, so the write path pays nearly nothing for it).
     pub(super) fn keep_call(&mut self) {
-        self.undo.clear();
+        self.touched.extend(self.undo.drain(..).map(|(key, _)| key));
     }
 
     /// Takes back the current call's writes, newest first.

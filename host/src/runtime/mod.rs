@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 
-pub use bindings::{BYTES_PER_FUEL, Context, GuestInfo, MAX_SCAN_BYTES, MAX_SCAN_LIMIT};
+pub use bindings::{BYTES_PER_FUEL, Change, Context, GuestInfo, MAX_SCAN_BYTES, MAX_SCAN_LIMIT};
 use bindings::{HostState, StateMachine, StateMachinePre};
 pub use cache::CompileCache;
 pub use state::{MemoryState, Overlay, StateRead};
@@ -42,6 +42,9 @@ const ALLOWED_IMPORTS: [&str; 3] = [
 
 /// The export that carries the optional migration hook.
 const MIGRATION_INTERFACE: &str = "raftwasm:state-machine/migration@0.1.0";
+
+/// The export that carries the optional watch hook.
+const WATCH_INTERFACE: &str = "raftwasm:state-machine/watch@0.1.0";
 
 /// Limits that bound every guest call. They are part of the cluster's
 /// deterministic behaviour: every node must use the same values.
@@ -362,6 +365,7 @@ pub struct GuestModule {
     info: GuestInfo,
     version: semver::Version,
     has_migrate: bool,
+    has_watch: bool,
 }
 
 impl std::fmt::Debug for GuestModule {
@@ -371,6 +375,7 @@ impl std::fmt::Debug for GuestModule {
             .field("name", &self.info.name)
             .field("version", &self.info.version)
             .field("has_migrate", &self.has_migrate)
+            .field("has_watch", &self.has_watch)
             .finish()
     }
 }
@@ -386,6 +391,7 @@ impl GuestModule {
         let has_migrate = component
             .get_export_index(None, MIGRATION_INTERFACE)
             .is_some();
+        let has_watch = component.get_export_index(None, WATCH_INTERFACE).is_some();
         let mut module = Self {
             runtime,
             pre,
@@ -396,6 +402,7 @@ impl GuestModule {
             },
             version: semver::Version::new(0, 0, 0),
             has_migrate,
+            has_watch,
         };
         let mut instance = module.instantiate(Arc::new(MemoryState::default()));
         instance.start().map_err(|e| match e {
@@ -464,6 +471,11 @@ impl GuestModule {
         self.has_migrate
     }
 
+    /// Whether the guest exports the watch hook (`watch.describe`).
+    pub fn has_watch(&self) -> bool {
+        self.has_watch
+    }
+
     /// An instance that reads committed state from `base`. The wasm instance
     /// itself is created on the first call.
     pub fn instantiate(&self, base: Arc<dyn StateRead>) -> GuestInstance {
@@ -472,6 +484,7 @@ impl GuestModule {
             base,
             live: None,
             batch: Overlay::new(),
+            touched: Vec::new(),
         }
     }
 }
@@ -488,6 +501,8 @@ pub struct GuestInstance {
     live: Option<Live>,
     /// The batch overlay while no store is live.
     batch: Overlay,
+    /// The keys written since the last take, while no store is live.
+    touched: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for GuestInstance {
@@ -521,6 +536,8 @@ enum Call<'a> {
     /// A query and the fuel it may use.
     Query(Context, &'a [u8], u64),
     Migrate(Context, GuestInfo),
+    /// The watch hook, and where its answer goes.
+    Describe(Vec<Change>, &'a mut Option<Vec<Change>>),
 }
 
 impl GuestInstance {
@@ -592,11 +609,72 @@ impl GuestInstance {
     }
 
     /// Takes the writes of every successful call since the last take, for
-    /// the caller to commit.
+    /// the caller to commit. The written keys not yet taken with
+    /// [`GuestInstance::take_touched`] are forgotten.
     pub fn take_writes(&mut self) -> Overlay {
         match &mut self.live {
-            Some(live) => std::mem::take(&mut live.store.data_mut().batch),
-            None => std::mem::take(&mut self.batch),
+            Some(live) => {
+                let state = live.store.data_mut();
+                state.touched.clear();
+                std::mem::take(&mut state.batch)
+            }
+            None => {
+                self.touched.clear();
+                std::mem::take(&mut self.batch)
+            }
+        }
+    }
+
+    /// Takes the keys that successful calls wrote since the last take, in
+    /// write order and possibly repeated; with
+    /// [`GuestInstance::pending_changes`] this attributes writes to the
+    /// entry that made them.
+    pub fn take_touched(&mut self) -> Vec<Vec<u8>> {
+        match &mut self.live {
+            Some(live) => std::mem::take(&mut live.store.data_mut().touched),
+            None => std::mem::take(&mut self.touched),
+        }
+    }
+
+    /// The pending value of each of `keys` (`None`: deleted), each key once,
+    /// in key order: what those keys hold now that the calls which wrote
+    /// them are done.
+    pub fn pending_changes(&self, mut keys: Vec<Vec<u8>>) -> Vec<Change> {
+        keys.sort_unstable();
+        keys.dedup();
+        let batch = match &self.live {
+            Some(live) => &live.store.data().batch,
+            None => &self.batch,
+        };
+        keys.into_iter()
+            .filter_map(|key| {
+                let value = batch.get(&key)?.clone();
+                Some(Change { key, value })
+            })
+            .collect()
+    }
+
+    /// The user-facing form of one entry's store changes: what the guest's
+    /// watch hook makes of them, or `changes` themselves when the guest has
+    /// no hook or the hook fails (a trap, running out of fuel), which every
+    /// replica does alike.
+    ///
+    /// # Errors
+    /// [`HostFault`] as for [`GuestInstance::apply`].
+    pub fn describe(&mut self, changes: Vec<Change>) -> Result<Vec<Change>, HostFault> {
+        if !self.module.has_watch || changes.is_empty() {
+            return Ok(changes);
+        }
+        let mut described = None;
+        let outcome = self.call(Call::Describe(changes.clone(), &mut described))?;
+        match (outcome.result, described) {
+            (Ok(_), Some(described)) => Ok(described),
+            (result, _) => {
+                if let Err(reason) = result {
+                    tracing::debug!(%reason, "the guest's watch hook failed; recording raw changes");
+                }
+                Ok(changes)
+            }
         }
     }
 
@@ -624,14 +702,15 @@ impl GuestInstance {
         let fuel = match call {
             Call::Migrate(..) => limits.fuel_per_migration,
             Call::Query(_, _, fuel) => fuel,
-            Call::Info | Call::Apply(..) => limits.fuel_per_call,
+            Call::Info | Call::Apply(..) | Call::Describe(..) => limits.fuel_per_call,
         };
         let Live {
             store,
             guest,
             instance,
         } = self.live()?;
-        store.data_mut().read_only = matches!(call, Call::Query(..) | Call::Info);
+        store.data_mut().read_only =
+            matches!(call, Call::Query(..) | Call::Info | Call::Describe(..));
         store
             .set_fuel(fuel)
             .map_err(|e| HostFault(format!("setting fuel: {e}")))?;
@@ -644,6 +723,12 @@ impl GuestInstance {
                 Ok(Vec::new())
             }),
             Call::Migrate(ctx, previous) => call_migrate(store, instance, ctx, previous),
+            Call::Describe(changes, described) => {
+                call_describe(store, instance, changes).map(|changes| {
+                    *described = Some(changes);
+                    Ok(Vec::new())
+                })
+            }
         };
         let fuel_used = fuel - store.get_fuel().unwrap_or(0);
         let state = store.data_mut();
@@ -693,6 +778,7 @@ impl GuestInstance {
             base: self.base.clone(),
             batch: std::mem::take(&mut self.batch),
             undo: Vec::new(),
+            touched: std::mem::take(&mut self.touched),
             read_only: false,
             fault: None,
             violation: None,
@@ -750,7 +836,9 @@ impl GuestInstance {
 
     fn drop_instance(&mut self) {
         if let Some(mut live) = self.live.take() {
-            self.batch = std::mem::take(&mut live.store.data_mut().batch);
+            let state = live.store.data_mut();
+            self.batch = std::mem::take(&mut state.batch);
+            self.touched = std::mem::take(&mut state.touched);
         }
     }
 }
@@ -773,6 +861,23 @@ fn call_migrate(
         .get_typed_func::<(Context, GuestInfo), (Result<(), String>,)>(&mut *store, &func)?;
     let (result,) = migrate.call(&mut *store, (ctx, previous))?;
     Ok(result.map(|()| Vec::new()))
+}
+
+/// Calls the optional `watch.describe` export.
+fn call_describe(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::component::Instance,
+    changes: Vec<Change>,
+) -> wasmtime::Result<Vec<Change>> {
+    let interface = instance
+        .get_export_index(&mut *store, None, WATCH_INTERFACE)
+        .ok_or_else(|| wasmtime::Error::msg("the guest has no watch interface"))?;
+    let func = instance
+        .get_export_index(&mut *store, Some(&interface), "describe")
+        .ok_or_else(|| wasmtime::Error::msg("the watch interface has no `describe`"))?;
+    let describe = instance.get_typed_func::<(Vec<Change>,), (Vec<Change>,)>(&mut *store, &func)?;
+    let (described,) = describe.call(&mut *store, (changes,))?;
+    Ok(described)
 }
 
 /// Turns a failed call into its deterministic error message, or a host fault

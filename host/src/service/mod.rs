@@ -21,6 +21,7 @@ use crate::raft::read_barrier::{ReadBarrier, ReadError};
 use crate::raft::state_machine::StateReader;
 use crate::raft::{NodeId, NodeInfo, Raft};
 use crate::runtime::GuestRuntime;
+use crate::watch::WatchHub;
 
 pub mod backup;
 pub mod cluster;
@@ -134,6 +135,8 @@ pub struct Node {
     pub http: reqwest::Client,
     /// The log store's view of the committed index.
     pub log: LogStore,
+    /// The feed of applied changes that `GET /watch` streams.
+    pub watch: Arc<WatchHub>,
 }
 
 impl std::fmt::Debug for Node {

@@ -1,14 +1,15 @@
 //! The next version of guest-kv, for hot-swap tests: the same cache and
 //! store layout (so existing data is still served), plus an `incr` command
 //! (tag `0x10`, then the key) and a migration hook that records the version
-//! it replaced under the key `migrated-from`.
+//! it replaced under the key `migrated-from`; watchers see user keys, as
+//! with guest-kv.
 
 wit_bindgen::generate!({
-    world: "state-machine-with-migrate",
+    world: "state-machine-with-migrate-and-watch",
     path: "../../../wit",
 });
 
-use exports::raftwasm::state_machine::migration;
+use exports::raftwasm::state_machine::{migration, watch};
 use guest_kv::cache;
 use guest_kv::command::{Command, Response};
 
@@ -61,6 +62,16 @@ impl Guest for KvNext {
 impl migration::Guest for KvNext {
     fn migrate(ctx: Context, previous: GuestInfo) -> Result<(), String> {
         set(ctx.time_ms, b"migrated-from", previous.version.as_bytes())
+    }
+}
+
+impl watch::Guest for KvNext {
+    fn describe(changes: Vec<watch::Change>) -> Vec<watch::Change> {
+        let raw = changes.into_iter().map(|c| (c.key, c.value)).collect();
+        cache::describe(raw)
+            .into_iter()
+            .map(|(key, value)| watch::Change { key, value })
+            .collect()
     }
 }
 
