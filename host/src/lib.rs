@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`runtime`]: the wasmtime guest runtime (load, validate, cache, apply).
 //! - [`raft`]: openraft types, sled storage, the peer transport.
-//! - [`api`]: the HTTP routes; [`http_server`] serves them with per-connection
+//! - [`api`]: the HTTP routes (with the browser dashboard at `/`, whose
+//!   page lives in `dashboard/`); [`http_server`] serves them with per-connection
 //!   timeouts and a connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).
 //! - [`proto`]: the HTTP wire types; [`client`]: a typed client of the API

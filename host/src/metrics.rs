@@ -95,6 +95,11 @@ impl Metrics {
         self.leader_changes.fetch_add(1, Relaxed);
     }
 
+    /// The entries proposed for writes and the operations in them.
+    pub fn batch_totals(&self) -> (u64, u64) {
+        (self.batches.load(Relaxed), self.batch_ops.load(Relaxed))
+    }
+
     /// Renders every metric, with the `counters` and `gauges` (name, help,
     /// value) that the caller knows.
     pub fn render(&self, counters: &[(&str, &str, u64)], gauges: &[(&str, &str, u64)]) -> String {

@@ -9,9 +9,10 @@ use axum::extract::{RawQuery, State};
 use openraft::ChangeMembers;
 
 use axum::http::HeaderMap;
+use axum::response::Response;
 
 use super::query::Params;
-use super::{ApiError, require_token};
+use super::{ApiError, Relay, require_token};
 use crate::node::App;
 use crate::proto::{Member, Role, Status};
 use crate::raft::{NodeId, NodeInfo, typ};
@@ -141,19 +142,31 @@ pub async fn join(
     Ok("ok")
 }
 
-/// `POST /remove?id=N`: removes a member (voter or learner).
+/// `POST /remove?id=N`: removes a member (voter or learner). A follower
+/// refuses it, or forwards it to the leader when asked for (see
+/// [`Relay::answer`]).
 pub async fn remove(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    relay: Relay,
+) -> Response {
+    let result = remove_member(&app, &headers, query.as_deref()).await;
+    relay.answer(&app, false, result).await
+}
+
+async fn remove_member(
+    app: &App,
+    headers: &HeaderMap,
+    query: Option<&str>,
 ) -> Result<&'static str, ApiError> {
-    require_token(&app, &headers)?;
-    let params = Params::parse(query.as_deref())?;
+    require_token(app, headers)?;
+    let params = Params::parse(query)?;
     let id = params
         .number("id")?
         .ok_or_else(|| ApiError::BadRequest("missing parameter `id`".into()))?;
     if !app.is_leader() {
-        return Err(not_leader(&app));
+        return Err(not_leader(app));
     }
     let membership = app.raft.metrics().borrow().membership_config.clone();
     if membership.membership().get_node(&id).is_none() {
@@ -164,12 +177,12 @@ pub async fn remove(
         app.raft
             .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
             .await
-            .map_err(|e| membership_error(&app, e))?;
+            .map_err(|e| membership_error(app, e))?;
     }
     app.raft
         .change_membership(ChangeMembers::RemoveNodes(ids), false)
         .await
-        .map_err(|e| membership_error(&app, e))?;
+        .map_err(|e| membership_error(app, e))?;
     tracing::info!(id, "node removed");
     Ok("ok")
 }
@@ -238,6 +251,7 @@ pub async fn status(
         replication,
         guest,
         state_hash,
+        counters: Some(super::dashboard::counters(&app)),
     }))
 }
 

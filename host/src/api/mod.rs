@@ -2,7 +2,9 @@
 //! - [`kv`]: clients — `/set`, `/get`, `/delete`, `/cas`, `/apply`, `/query`;
 //! - [`cluster`]: operators — `/join`, `/remove`, `/status`, `/metrics`,
 //!   and `/read_index` for followers' linearizable reads;
-//! - [`backup`]: operators — `GET /backup`.
+//! - [`backup`]: operators — `GET /backup`;
+//! - [`dashboard`]: operators in a browser — the page at `/` and the
+//!   `/cluster` view it polls.
 //!
 //! State-changing requests from a foreign browser origin are refused before
 //! routing (see `origin`).
@@ -23,12 +25,15 @@ use crate::raft::read_barrier::ReadError;
 
 pub mod backup;
 pub mod cluster;
+pub mod dashboard;
 pub mod guest;
 mod kv;
 mod origin;
 mod query;
 pub mod write_queue;
 
+/// The request header that asks a follower to forward a write.
+pub use crate::proto::FORWARD_HEADER;
 /// The response header that names the leader's HTTP address.
 pub use crate::proto::LEADER_HEADER;
 
@@ -55,6 +60,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(cluster::metrics))
         .route("/read_index", get(cluster::read_index))
         .route("/backup", get(backup::backup))
+        .merge(dashboard::routes())
         .route(
             "/guest",
             get(guest::show)
@@ -240,6 +246,8 @@ pub struct Relay {
     method: Method,
     uri: Uri,
     authorization: Option<HeaderValue>,
+    /// Whether the client asked for forwarding with [`FORWARD_HEADER`].
+    forward: bool,
     /// The request body.
     pub body: Bytes,
 }
@@ -259,6 +267,10 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Relay {
         .await
         .map_err(IntoResponse::into_response)?;
         Ok(Self {
+            forward: parts
+                .headers
+                .get(FORWARD_HEADER)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
             method: parts.method,
             uri: parts.uri,
             authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
@@ -269,8 +281,8 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Relay {
 
 impl Relay {
     /// Answers `result`; a not-leader error is instead relayed to the leader
-    /// when `always` or with `--forward-writes`, and the leader's answer
-    /// returned as it is.
+    /// when `always`, with `--forward-writes` or when the request carries
+    /// [`FORWARD_HEADER`], and the leader's answer returned as it is.
     pub async fn answer(
         self,
         app: &App,
@@ -288,11 +300,12 @@ impl Relay {
         else {
             return error.into_response();
         };
-        if !always && !app.config.forward_writes {
+        if !always && !self.forward && !app.config.forward_writes {
             return error.into_response();
         }
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let url = format!("{}{path}", app.config.base_url(leader));
+        // The relayed request does not carry FORWARD_HEADER: one hop at most.
         let mut request = app.http.request(self.method, &url).body(self.body);
         if let Some(auth) = self.authorization {
             request = request.header(header::AUTHORIZATION, auth);
