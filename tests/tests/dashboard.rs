@@ -1,7 +1,8 @@
 //! The dashboard at `/`, in a real headless chromium against three node
 //! processes: it shows the members and the leader, a set from the page
 //! reaches the cluster, the rate chart moves with writes, and a killed
-//! leader shows as down while the page follows the new one. Also, without
+//! leader shows as down while the page follows the new one; admin actions
+//! (remove a member, deploy a guest) need the token. Also, without
 //! a browser, the `/cluster` view and the forward header the page relies on.
 //!
 //! Set `RAFTWASM_DASHBOARD_SCREENSHOT=docs/dashboard.png` to keep the
@@ -10,7 +11,8 @@
 mod browser;
 
 use browser::{Browser, Page};
-use raftwasm::proto::{ClusterView, FORWARD_HEADER};
+use raftwasm::proto::{ClusterView, FORWARD_HEADER, GuestHistory};
+use raftwasm_tests::KV_NEXT_GUEST;
 use raftwasm_tests::cluster::TestCluster;
 use serde_json::Value;
 
@@ -252,6 +254,29 @@ async fn dashboard_shows_the_cluster_and_follows_a_failover() -> anyhow::Result<
             v.as_object()
                 .is_some_and(|m| m.len() == 2 && m.values().all(|s| s == "up"))
         })
+        .await?;
+
+        // Deploying a guest from the page: an upload the follower relays.
+        let module = tempfile::Builder::new().suffix(".wasm").tempfile()?;
+        std::fs::write(module.path(), KV_NEXT_GUEST)?;
+        page.choose_file("#guest-file", module.path()).await?;
+        page.evaluate("document.querySelector('#deploy').click(); true")
+            .await?;
+        wait_on_page(&cluster, &page, "the deploy", ADMIN_RESULT, |v| {
+            v.as_str().is_some_and(|s| s.starts_with("deployed"))
+        })
+        .await?;
+        let guest: GuestHistory =
+            serde_json::from_str(&cluster.get(new_leader, "/guest").await?.1)?;
+        let active = guest.active.expect("an active guest");
+        assert_eq!(active.version, "0.2.0", "{active:?}");
+        wait_on_page(
+            &cluster,
+            &page,
+            "the new guest on the page",
+            "document.querySelector('#guest-active').textContent",
+            |v| v.as_str().is_some_and(|s| s.contains(&active.hash[..16])),
+        )
         .await?;
         anyhow::Ok(())
     }

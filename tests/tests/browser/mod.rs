@@ -251,6 +251,30 @@ impl Page<'_> {
         Ok(result["result"]["value"].clone())
     }
 
+    /// Chooses `path` in the file input that `selector` finds, as a user
+    /// picking a file would.
+    ///
+    /// # Errors
+    /// When there is no such element or chromium refuses.
+    pub async fn choose_file(&self, selector: &str, path: &std::path::Path) -> anyhow::Result<()> {
+        let document = self.call("DOM.getDocument", json!({})).await?;
+        let found = self
+            .call(
+                "DOM.querySelector",
+                json!({ "nodeId": document["root"]["nodeId"], "selector": selector }),
+            )
+            .await?;
+        if found["nodeId"].as_u64().unwrap_or(0) == 0 {
+            bail!("no element matches {selector}");
+        }
+        self.call(
+            "DOM.setFileInputFiles",
+            json!({ "nodeId": found["nodeId"], "files": [path.display().to_string()] }),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// A PNG of what the tab shows.
     ///
     /// # Errors
