@@ -24,6 +24,7 @@ three nodes are up (logs in demo/node*.log); try:
   curl "http://127.0.0.1:6001/get?key=abc"
   curl "http://127.0.0.1:6001/set?key=abc&value=efg"    # a follower: write method not allowed
   curl -s http://127.0.0.1:6000/status
+  open http://127.0.0.1:6000/ in a browser for the dashboard
 press Ctrl-C to stop the cluster
 TXT
 wait

@@ -171,6 +171,29 @@ impl Client {
         })
     }
 
+    /// A client that sends through `http`, an already configured HTTP
+    /// client (a node's own, for its calls to other members); `tls` picks
+    /// the scheme of `endpoints` given without one.
+    pub fn with_http(
+        http: reqwest::Client,
+        tls: bool,
+        endpoints: &[String],
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            http,
+            tls,
+            endpoints: endpoints
+                .iter()
+                .map(|e| crate::tls::base_url(e.trim(), tls))
+                .collect(),
+            token: token.filter(|t| !t.is_empty()),
+            timeout,
+            leader: Mutex::new(None),
+        }
+    }
+
     /// The base URL of `addr` with this cluster's scheme.
     pub fn base_url(&self, addr: &str) -> String {
         crate::proto::base_url(addr, self.tls)

@@ -8,7 +8,8 @@
 //! - [`service`]: [`service::Node`], the node's typed operations (write,
 //!   read with a consistency, deploy, join, remove, status, backup), free of
 //!   HTTP; the center that [`api`] and [`node`] both use.
-//! - [`api`]: thin HTTP handlers over the service, grouped by audience;
+//! - [`api`]: thin HTTP handlers over the service, grouped by audience,
+//!   and the browser dashboard at `/` (its page lives in `dashboard/`);
 //!   [`http_server`] serves them with per-connection timeouts and a
 //!   connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tasks`]: every background task on one tracker, cancelled and awaited

@@ -249,6 +249,22 @@ impl Metrics {
         self.leader_changes.inc();
     }
 
+    /// The counters `/status` reports (for the dashboard's rates), with the
+    /// state machine's `apply` stats.
+    pub fn counters(&self, apply: &ApplyStats) -> crate::proto::Counters {
+        crate::proto::Counters {
+            writes: self.writes.get(),
+            write_errors: self.write_errors.get(),
+            reads: self.reads.get(),
+            batches: self.batch_ops.get_sample_count(),
+            batch_ops: self.batch_ops.get_sample_sum() as u64,
+            applied_entries: apply.entries.get(),
+            applied_ops: apply.ops.get(),
+            apply_calls: apply.latency.count(),
+            apply_nanos: apply.nanos.get(),
+        }
+    }
+
     /// Counts a write acknowledged with a result.
     pub fn write_succeeded(&self) {
         self.writes.inc();

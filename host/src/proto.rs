@@ -63,6 +63,11 @@ impl Consistency {
         }
     }
 }
+/// The request header with which a client asks a follower to pass a write
+/// (or a membership change) on to the leader instead of refusing it, as
+/// `--forward-writes` does for every request; its value is `true`. The
+/// dashboard sends it, since a page talks only to the node that served it.
+pub const FORWARD_HEADER: &str = "x-raft-forward";
 
 /// `GET /status`: one node's view of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +102,10 @@ pub struct Status {
     pub guest: Option<Guest>,
     /// SHA-256 over every key and value; only with `?state_hash=true`.
     pub state_hash: Option<String>,
+    /// This node's counters since it started, for rates computed from the
+    /// difference of two answers (absent from older nodes).
+    #[serde(default)]
+    pub counters: Option<Counters>,
 }
 
 impl Status {
@@ -209,6 +218,57 @@ pub struct NotLeader {
     pub error: String,
     /// The leader's base URL, when known.
     pub leader: Option<String>,
+}
+
+/// `GET /cluster`: every member's `/status` as the answering node sees it,
+/// for the dashboard, which talks to one node only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The id of the node that answered.
+    pub node: NodeId,
+    /// The members of that node's membership, in id order.
+    pub members: Vec<MemberView>,
+}
+
+/// One member in a [`ClusterView`]: its `/status`, or why it has none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    /// The member's id.
+    pub id: NodeId,
+    /// Its HTTP address.
+    pub http: String,
+    /// Whether it votes.
+    pub voter: bool,
+    /// Its own `/status`, when it answered in time.
+    pub status: Option<Status>,
+    /// Why it did not answer (unreachable, too slow, an error status).
+    pub error: Option<String>,
+}
+
+/// A node's counters since it started, as `/status` reports them. Each only
+/// grows; a client computes rates from two answers (and sees a restart as a
+/// counter that went down).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Writes this node acknowledged with a result (on the leader).
+    pub writes: u64,
+    /// Writes refused or with an unknown outcome.
+    pub write_errors: u64,
+    /// Reads this node answered.
+    pub reads: u64,
+    /// Log entries this node proposed for writes (on the leader).
+    pub batches: u64,
+    /// Operations in those entries: `batch_ops / batches` is the batch size.
+    pub batch_ops: u64,
+    /// Log entries this node's state machine applied.
+    pub applied_entries: u64,
+    /// Guest operations it applied.
+    pub applied_ops: u64,
+    /// Calls of the state machine's apply.
+    pub apply_calls: u64,
+    /// Time spent in those calls, in nanoseconds: `apply_nanos / apply_calls`
+    /// is the apply latency.
+    pub apply_nanos: u64,
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/join"),
     ("POST", "/remove"),
     ("GET", "/status"),
+    ("GET", "/cluster"),
+    ("GET", "/"),
     ("GET", "/metrics"),
     ("GET", "/read_index"),
     ("GET", "/guest"),
@@ -54,7 +56,8 @@ const ROUTES: &[(&str, &str)] = &[
 
 /// Paths that are not routes, or are routes in disguise.
 const UNKNOWN_PATHS: &[&str] = &[
-    "/",
+    "/dashboard/",
+    "/dashboard/app.jsx",
     "/nope",
     "/set/",
     "/SET",
@@ -335,6 +338,10 @@ fn random_headers(rng: &mut Rng, own: &str) -> Vec<(&'static str, String)> {
             "x",
         ]);
         headers.push(("Authorization", (*auth).to_owned()));
+    }
+    if rng.one_in(6) {
+        let forward = rng.pick(&["true", "TRUE", "false", ""]);
+        headers.push(("X-Raft-Forward", (*forward).to_owned()));
     }
     if rng.one_in(4) {
         let kind = rng.pick(&[

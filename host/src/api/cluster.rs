@@ -30,7 +30,9 @@ pub async fn join(
     Ok("ok")
 }
 
-/// `POST /remove?id=N`: removes a member (voter or learner).
+/// `POST /remove?id=N`: removes a member (voter or learner). A follower
+/// refuses it, or forwards it to the leader when asked for (see
+/// [`super::FORWARD_HEADER`]).
 pub async fn remove(
     State(app): State<Arc<Node>>,
     headers: HeaderMap,

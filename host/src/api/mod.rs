@@ -4,6 +4,8 @@
 //!   and `/read_index` for followers' linearizable reads;
 //! - [`backup`]: operators — `GET /backup`;
 //! - `watch`: clients — `GET /watch`, the change feed as Server-Sent Events.
+//! - [`dashboard`]: operators in a browser — the page at `/` and the
+//!   `/cluster` view it polls.
 //!
 //! State-changing requests from a foreign browser origin are refused before
 //! routing (see `origin`).
@@ -27,12 +29,15 @@ use crate::service::{Node, ServiceError};
 
 pub mod backup;
 pub mod cluster;
+pub mod dashboard;
 pub mod guest;
 mod kv;
 mod origin;
 mod query;
 mod watch;
 
+/// The request header that asks a follower to forward a write.
+pub use crate::proto::FORWARD_HEADER;
 /// The response header that names the leader's HTTP address.
 pub use crate::proto::LEADER_HEADER;
 
@@ -60,15 +65,16 @@ pub fn router(app: Arc<Node>) -> Router {
                 .post(kv::compare_and_set)
                 .route_layer(writes.clone()),
         )
-        .route("/apply", post(kv::apply).route_layer(writes))
+        .route("/apply", post(kv::apply).route_layer(writes.clone()))
         .route("/query", post(kv::query))
         .route("/join", post(cluster::join))
-        .route("/remove", post(cluster::remove))
+        .route("/remove", post(cluster::remove).route_layer(writes))
         .route("/status", get(cluster::status))
         .route("/metrics", get(cluster::metrics))
         .route("/read_index", get(cluster::read_index))
         .route("/backup", get(backup::backup))
         .route("/watch", get(watch::watch))
+        .merge(dashboard::routes())
         .route(
             "/guest",
             post(guest::upload)
@@ -244,8 +250,10 @@ fn token_before_body(app: &Node, request: &axum::extract::Request) -> Result<(),
 /// Which requests [`forward`] relays to the leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Forward {
-    /// Writes: only with `--forward-writes`; otherwise a follower refuses
-    /// them as in the walkthrough.
+    /// Writes and member removal: only with `--forward-writes` or when the
+    /// request carries [`FORWARD_HEADER`] (as the dashboard's do); otherwise
+    /// a follower refuses them as in the walkthrough. The relayed request
+    /// does not carry the header, so a request makes one hop at most.
     Writes,
     /// Guest uploads: always.
     Always,
@@ -259,7 +267,11 @@ async fn forward(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if policy == Forward::Writes && !app.config.forward_writes {
+    let asked = request
+        .headers()
+        .get(FORWARD_HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    if policy == Forward::Writes && !app.config.forward_writes && !asked {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();

@@ -239,6 +239,7 @@ impl Node {
             replication,
             guest: self.state.active().map(|g| g.describe()),
             state_hash,
+            counters: Some(self.metrics.counters(self.state.apply_stats())),
         }
     }
 }
