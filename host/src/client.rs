@@ -186,7 +186,7 @@ impl Client {
             tls,
             endpoints: endpoints
                 .iter()
-                .map(|e| crate::tls::base_url(e.trim(), tls))
+                .map(|e| crate::proto::base_url(e.trim(), tls))
                 .collect(),
             token: token.filter(|t| !t.is_empty()),
             timeout,
