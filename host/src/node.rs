@@ -17,10 +17,10 @@ use crate::proto::JoinRequest;
 use crate::raft::batcher::Batcher;
 use crate::raft::disk::Disk;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::NetworkFactory;
+use crate::raft::peer::{self, NetworkFactory};
 use crate::raft::read_barrier::ReadBarrier;
 use crate::raft::state_machine::StateMachineStore;
-use crate::raft::{NodeId, NodeInfo, Raft, peer_server};
+use crate::raft::{NodeId, NodeInfo, Raft};
 use crate::runtime::{BUNDLED_GUEST, GuestRuntime, Limits};
 use crate::service::Node;
 use crate::service::write_queue::WriteQueue;
@@ -137,7 +137,7 @@ pub async fn run(
     // Every background task of the node runs on `tasks`; shutdown cancels
     // and awaits them all before the final flush.
     let tasks = Tasks::new();
-    tasks.spawn_graceful(peer_server::serve(
+    tasks.spawn_graceful(peer::serve(
         listeners.raft,
         raft.clone(),
         config.token.clone(),

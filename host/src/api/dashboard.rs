@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::client::{Client, ClientError};
-use crate::service::Node;
 use crate::proto::{ClusterView, MemberView};
+use crate::service::Node;
 
 /// How long `/cluster` waits for each member's `/status`: short, so that
 /// one dead member does not hold up the page's view of the others.

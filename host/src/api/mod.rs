@@ -210,7 +210,7 @@ pub fn require_token(app: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if crate::raft::peer_server::tokens_match(given, expected) {
+    if crate::raft::peer::tokens_match(given, expected) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)

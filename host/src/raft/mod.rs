@@ -9,7 +9,7 @@
 //!   [`snapshot_file`] is the streamed snapshot format and its files.
 //! - [`peer`]: the peer transport: wire format, `NetworkFactory` (the
 //!   client openraft drives), the `--raft` port's server, TLS or plain
-//!   streams. [`network`] and [`peer_server`] are its former paths.
+//!   streams.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,11 +21,6 @@ pub mod read_barrier;
 pub mod redo;
 pub mod snapshot_file;
 pub mod state_machine;
-
-/// The peer client under its former path.
-pub use peer::client as network;
-/// The peer port under its former path.
-pub use peer::server as peer_server;
 
 /// A node's id: chosen on first boot and persisted in its data dir.
 pub type NodeId = u64;
