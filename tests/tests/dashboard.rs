@@ -206,21 +206,59 @@ async fn dashboard_shows_the_cluster_and_follows_a_failover() -> anyhow::Result<
         })
         .await?;
 
-        // The watch panel ends in a definite state: watching, or the error
-        // of a node that does not serve /watch.
-        page.evaluate("document.querySelector('#watch-start').click(); true")
-            .await?;
+        // The watch panel shows writes under its prefix live, as they are
+        // applied on the node that served the page.
+        page.evaluate(
+            "document.querySelector('#watch-prefix').value = 'watched-'; \
+             document.querySelector('#watch-start').click(); true",
+        )
+        .await?;
         wait_on_page(
             &cluster,
             &page,
-            "the watch panel to settle",
+            "the watch panel to open its stream",
             "document.querySelector('#watch-state').textContent",
-            |v| {
-                v.as_str()
-                    .is_some_and(|s| s.starts_with("watching") || s.starts_with("the watch failed"))
-            },
+            |v| v.as_str().is_some_and(|s| s.starts_with("watching")),
         )
         .await?;
+        assert_eq!(
+            cluster
+                .get(new_leader, "/set?key=watched-a&value=seen-live")
+                .await?,
+            (200, "ok".into())
+        );
+        assert_eq!(
+            cluster
+                .get(new_leader, "/set?key=unwatched&value=x")
+                .await?,
+            (200, "ok".into())
+        );
+        assert_eq!(
+            cluster.get(new_leader, "/delete?key=watched-a").await?,
+            (200, "ok".into())
+        );
+        let events = wait_on_page(
+            &cluster,
+            &page,
+            "the watched put and delete",
+            "[...document.querySelectorAll('#watch-events li')].map(e => e.textContent).reverse()",
+            |v| v.as_array().is_some_and(|events| events.len() >= 2),
+        )
+        .await?;
+        let events: Vec<&str> = events
+            .as_array()
+            .map(|e| e.iter().filter_map(|e| e.as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            events.len(),
+            2,
+            "only the watched key's changes: {events:?}"
+        );
+        assert!(
+            events[0].ends_with("put watched-a = seen-live"),
+            "{events:?}"
+        );
+        assert!(events[1].ends_with("delete watched-a"), "{events:?}");
 
         // Removing the dead member from the page needs the token.
         let remove = format!(
