@@ -387,7 +387,7 @@ impl Client {
                 let mut response = match tokio::time::timeout(self.timeout, sent).await {
                     Ok(Ok((response, _))) => response,
                     Ok(Err(error)) => {
-                        last = format!("cannot watch {url}: {error}");
+                        last = format!("cannot watch {url}: {}", with_causes(&error));
                         continue;
                     }
                     Err(_) => {
@@ -506,7 +506,7 @@ impl Client {
                         return Ok((url, answer));
                     }
                     Err(error) if error.is_connect() => {
-                        last = format!("cannot connect to {url}: {error}");
+                        last = format!("cannot connect to {url}: {}", with_causes(&error));
                         self.remember(None);
                     }
                     Err(error) => {
@@ -538,7 +538,7 @@ impl Client {
             Err(error) => Err(ClientError::Unreachable {
                 timeout: self.timeout,
                 endpoints: base.to_owned(),
-                last: error.to_string(),
+                last: with_causes(&error),
             }),
         }
     }
@@ -820,6 +820,22 @@ pub fn encode(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// `error` followed by its causes (`error sending request: connection
+/// refused`), since reqwest's own message leaves out why.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let more = inner.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! the token the user types in.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -17,13 +16,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::client::{Client, ClientError};
-use crate::proto::{ClusterView, MemberView};
+use crate::proto::ClusterView;
 use crate::service::Node;
-
-/// How long `/cluster` waits for each member's `/status`: short, so that
-/// one dead member does not hold up the page's view of the others.
-pub const MEMBER_TIMEOUT: Duration = Duration::from_millis(800);
 
 const INDEX_HTML: &str = include_str!("../dashboard/index.html");
 const APP_JS: &str = include_str!("../dashboard/app.js");
@@ -72,55 +66,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     response
 }
 
-/// `GET /cluster`: the `/status` of every member of this node's membership,
-/// asked concurrently with [`MEMBER_TIMEOUT`] each; a member that does not
-/// answer is listed with the reason.
+/// `GET /cluster`: see [`Node::cluster_view`].
 pub async fn cluster(State(app): State<Arc<Node>>) -> Json<ClusterView> {
-    let members: Vec<(u64, String, bool)> = {
-        let metrics = app.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        membership
-            .nodes()
-            .map(|(id, node)| (*id, node.api_addr.clone(), voters.contains(id)))
-            .collect()
-    };
-    let client = Client::with_http(
-        app.http.clone(),
-        app.config.tls_on(),
-        &[],
-        None,
-        MEMBER_TIMEOUT,
-    );
-    let asks = members.into_iter().map(|(id, http, voter)| {
-        let client = &client;
-        async move {
-            let (status, error) =
-                match tokio::time::timeout(MEMBER_TIMEOUT, client.node_status(&http)).await {
-                    Ok(Ok(status)) => (Some(status), None),
-                    Ok(Err(error)) => (None, Some(reason(error))),
-                    Err(_) => (None, Some(format!("no answer within {MEMBER_TIMEOUT:?}"))),
-                };
-            MemberView {
-                id,
-                http,
-                voter,
-                status,
-                error,
-            }
-        }
-    });
-    Json(ClusterView {
-        node: app.id,
-        members: futures::future::join_all(asks).await,
-    })
-}
-
-/// What to show for a member that did not answer: the failure itself,
-/// without the client's advice about `--cluster`, which does not apply here.
-fn reason(error: ClientError) -> String {
-    match error {
-        ClientError::Unreachable { last, .. } => format!("unreachable: {last}"),
-        other => other.to_string(),
-    }
+    Json(app.cluster_view().await)
 }

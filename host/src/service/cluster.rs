@@ -1,18 +1,25 @@
 //! Membership and status: adding a node (as a learner that must catch up
-//! before it becomes a voter), removing one, and this node's view of the
-//! cluster as a [`Status`].
+//! before it becomes a voter), removing one, this node's view of the
+//! cluster as a [`Status`], and every member's status gathered by this node
+//! ([`ClusterView`], for the dashboard).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use openraft::ChangeMembers;
 
 use super::{Node, ServiceError};
+use crate::client::{Client, ClientError};
 use crate::metrics::{GuestLabels, Scrape};
-use crate::proto::{JoinRequest, Member, Role, Status};
+use crate::proto::{ClusterView, JoinRequest, Member, MemberView, Role, Status};
 use crate::raft::{NodeId, NodeInfo, leader_http, typ};
 
 /// The not-leader message of membership changes.
 const SEND_TO_LEADER: &str = "not the leader; send membership changes to the leader";
+
+/// How long [`Node::cluster_view`] waits for each member's `/status`:
+/// short, so that one dead member does not hold up the view of the others.
+pub const MEMBER_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// What a refused membership change means to the caller.
 fn membership_error(error: typ::RaftError<typ::ClientWriteError>) -> ServiceError {
@@ -241,5 +248,61 @@ impl Node {
             state_hash,
             counters: Some(self.metrics.counters(self.state.apply_stats())),
         }
+    }
+}
+
+impl Node {
+    /// Every member's [`Status`] as this node gathers them (`GET /cluster`,
+    /// for the dashboard, which talks to one node only): asked concurrently
+    /// with [`MEMBER_TIMEOUT`] each; a member that does not answer is listed
+    /// with the reason.
+    pub async fn cluster_view(&self) -> ClusterView {
+        let members: Vec<(u64, String, bool)> = {
+            let metrics = self.raft.metrics().borrow().clone();
+            let membership = metrics.membership_config.membership();
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            membership
+                .nodes()
+                .map(|(id, node)| (*id, node.api_addr.clone(), voters.contains(id)))
+                .collect()
+        };
+        let client = Client::with_http(
+            self.http.clone(),
+            self.config.tls_on(),
+            &[],
+            None,
+            MEMBER_TIMEOUT,
+        );
+        let asks = members.into_iter().map(|(id, http, voter)| {
+            let client = &client;
+            async move {
+                let (status, error) =
+                    match tokio::time::timeout(MEMBER_TIMEOUT, client.node_status(&http)).await {
+                        Ok(Ok(status)) => (Some(status), None),
+                        Ok(Err(error)) => (None, Some(reason(error))),
+                        Err(_) => (None, Some(format!("no answer within {MEMBER_TIMEOUT:?}"))),
+                    };
+                MemberView {
+                    id,
+                    http,
+                    voter,
+                    status,
+                    error,
+                }
+            }
+        });
+        ClusterView {
+            node: self.id,
+            members: futures::future::join_all(asks).await,
+        }
+    }
+}
+
+/// What to show for a member that did not answer: the failure itself,
+/// without the client's advice about `--cluster`, which does not apply here.
+fn reason(error: ClientError) -> String {
+    match error {
+        ClientError::Unreachable { last, .. } => format!("unreachable: {last}"),
+        other => other.to_string(),
     }
 }
