@@ -7,7 +7,8 @@
 //! - [`kv`]: writes, reads (`linearizable`, `lease`, `stale`) and guest-kv's
 //!   cache commands;
 //! - [`guest`]: validating and deploying a guest;
-//! - [`cluster`]: membership (join, remove) and status;
+//! - [`cluster`]: membership (join, remove), status, and every member's
+//!   status gathered for the dashboard;
 //! - [`backup`]: the snapshot a backup streams;
 //! - [`write_queue`]: admission of client writes, bounded in bytes.
 
