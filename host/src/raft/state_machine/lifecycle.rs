@@ -461,4 +461,201 @@ mod tests {
         assert_eq!(active.module.hash(), hash_of(&third));
         Ok(())
     }
+
+    /// `module` with the one occurrence of `from` replaced by `to`, of the
+    /// same length.
+    fn patched(module: &[u8], from: &str, to: &str) -> anyhow::Result<Vec<u8>> {
+        anyhow::ensure!(
+            from.len() == to.len(),
+            "{from:?} and {to:?} differ in length"
+        );
+        let at: Vec<usize> = module
+            .windows(from.len())
+            .enumerate()
+            .filter(|(_, window)| *window == from.as_bytes())
+            .map(|(at, _)| at)
+            .collect();
+        anyhow::ensure!(at.len() == 1, "{from:?} occurs {} times", at.len());
+        let mut module = module.to_vec();
+        module[at[0]..at[0] + to.len()].copy_from_slice(to.as_bytes());
+        Ok(module)
+    }
+
+    /// How the bundled guest refuses a command it cannot decode.
+    const REFUSAL: &str = "unknown command tag";
+    /// How the rebuilt guest of [`rebuilt_guest`] refuses it.
+    const REBUILT_REFUSAL: &str = "unknown command TAG";
+
+    /// The bundled guest as a next release would build it: a higher version
+    /// (so a swap needs no force) and another wording of [`REFUSAL`], so
+    /// that which guest ran a command shows in its answer.
+    fn rebuilt_guest(runtime: &GuestRuntime) -> anyhow::Result<(Vec<u8>, String)> {
+        let version = runtime.load(BUNDLED_GUEST)?.version().clone();
+        let next = semver::Version::new(version.major, version.minor, version.patch + 1);
+        let module = patched(BUNDLED_GUEST, &version.to_string(), &next.to_string())?;
+        Ok((
+            patched(&module, REFUSAL, REBUILT_REFUSAL)?,
+            next.to_string(),
+        ))
+    }
+
+    fn set(key: &[u8], value: &[u8]) -> Op {
+        Op::Apply(
+            guest_kv::command::Command::Set {
+                key,
+                value,
+                ttl_ms: 0,
+            }
+            .encode(),
+        )
+    }
+
+    /// A command no guest-kv decodes: each build refuses it in its words.
+    fn undecodable() -> Op {
+        Op::Apply(vec![0xff])
+    }
+
+    /// The refusal of an op, or a failure naming what it produced instead.
+    fn refusal(result: &OpResult) -> anyhow::Result<&str> {
+        match result {
+            Err(refusal) => Ok(refusal),
+            Ok(output) => anyhow::bail!("expected a refusal, got {output:?}"),
+        }
+    }
+
+    /// The guest-kv answer of an op.
+    fn answer(result: &OpResult) -> anyhow::Result<guest_kv::command::Response> {
+        match result {
+            Ok(OpOutput::Guest(bytes)) => {
+                Ok(guest_kv::command::Response::decode(bytes)
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?)
+            }
+            other => anyhow::bail!("expected a guest answer, got {other:?}"),
+        }
+    }
+
+    /// The value of `key`, as a query through the active guest reads it.
+    fn read(sm: &StateMachineStore, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        let get = guest_kv::command::Command::Get { key }.encode();
+        let outcome = sm.reader().query(0, &get)?;
+        match answer(&outcome.result.map(OpOutput::Guest))? {
+            guest_kv::command::Response::Value(value) => Ok(value),
+            other => anyhow::bail!("a get answered {other:?}"),
+        }
+    }
+
+    /// A swap in the middle of one apply call: the commands before it run on
+    /// the old guest, those after it on the new one, which sees the old
+    /// one's writes of the same call; all of them commit together, and a
+    /// reopen finds the same state and the new guest active.
+    #[tokio::test]
+    async fn swap_in_the_middle_of_an_apply_call_splits_the_commands_between_the_guests()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        let (rebuilt, next_version) = rebuilt_guest(&sm.runtime)?;
+        let (old_hash, new_hash) = (hash_of(BUNDLED_GUEST), hash_of(&rebuilt));
+        let first = sm
+            .apply([
+                stage(1, BUNDLED_GUEST.to_vec()),
+                entry(
+                    2,
+                    vec![Op::ActivateGuest {
+                        hash: old_hash.clone(),
+                        force: false,
+                    }],
+                ),
+            ])
+            .await?;
+        assert!(first[1].results[0].is_ok(), "{first:?}");
+
+        let cas = Op::Apply(
+            guest_kv::command::Command::CompareAndSet {
+                key: b"a",
+                expected: Some(b"1"),
+                value: b"2",
+                ttl_ms: 0,
+            }
+            .encode(),
+        );
+        let responses = sm
+            .apply([
+                stage(3, rebuilt.clone()),
+                entry(4, vec![set(b"a", b"1"), undecodable()]),
+                entry(
+                    5,
+                    vec![Op::ActivateGuest {
+                        hash: new_hash.clone(),
+                        force: false,
+                    }],
+                ),
+                entry(6, vec![cas, undecodable(), set(b"b", b"3")]),
+            ])
+            .await?;
+        let [_, before, swap, after] = responses.as_slice() else {
+            anyhow::bail!("{} responses for 4 entries", responses.len());
+        };
+        assert_eq!(
+            answer(&before.results[0])?,
+            guest_kv::command::Response::Done
+        );
+        assert!(refusal(&before.results[1])?.contains(REFUSAL), "{before:?}");
+        match &swap.results[0] {
+            Ok(OpOutput::Activated(record)) => {
+                assert_eq!(
+                    (record.index, record.version.as_str()),
+                    (5, next_version.as_str())
+                );
+            }
+            other => anyhow::bail!("the swap answered {other:?}"),
+        }
+        assert_eq!(
+            answer(&after.results[0])?,
+            guest_kv::command::Response::Swapped {
+                swapped: true,
+                current: Some(b"2".to_vec()),
+            },
+            "the new guest did not see the old one's write of the same call"
+        );
+        assert!(
+            refusal(&after.results[1])?.contains(REBUILT_REFUSAL),
+            "{after:?}"
+        );
+        assert_eq!(
+            answer(&after.results[2])?,
+            guest_kv::command::Response::Done
+        );
+
+        let reader = sm.reader();
+        let active = reader
+            .active()
+            .ok_or_else(|| anyhow::anyhow!("no active guest"))?;
+        assert_eq!((active.module.hash(), active.since), (new_hash.as_str(), 5));
+        let history: Vec<(u64, String)> = reader
+            .guest_history()?
+            .into_iter()
+            .map(|record| (record.index, record.hash))
+            .collect();
+        assert_eq!(history, [(2, old_hash), (5, new_hash.clone())]);
+        assert_eq!(read(&sm, b"a")?, Some(b"2".to_vec()));
+        assert_eq!(read(&sm, b"b")?, Some(b"3".to_vec()));
+        let state_hash = reader.state_hash()?;
+        // The guest's query instances read the tree too: every handle goes.
+        drop((sm, reader, active));
+
+        let mut sm = open(&dir)?;
+        assert_eq!(sm.applied_state().await?.0, Some(log_id(6)));
+        assert_eq!(sm.reader().state_hash()?, state_hash);
+        let active = sm
+            .reader()
+            .active()
+            .ok_or_else(|| anyhow::anyhow!("no guest after a reopen"))?;
+        assert_eq!((active.module.hash(), active.since), (new_hash.as_str(), 5));
+        let again = sm.apply([entry(7, vec![undecodable()])]).await?;
+        assert!(
+            refusal(&again[0].results[0])?.contains(REBUILT_REFUSAL),
+            "{again:?}"
+        );
+        Ok(())
+    }
 }

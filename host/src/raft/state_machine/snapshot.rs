@@ -481,9 +481,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::EntryPayload;
+    use openraft::storage::{RaftSnapshotBuilder as _, RaftStateMachine as _};
+
     use super::*;
+    use crate::raft::state_machine::keys::GUEST;
     use crate::raft::state_machine::testing::*;
-    use openraft::storage::RaftStateMachine as _;
+    use crate::raft::{NodeId, NodeInfo, Op};
+    use crate::runtime::BUNDLED_GUEST;
 
     /// A received snapshot that does not decode is refused before it is
     /// stored, so the node still opens afterwards, with its state intact.
@@ -602,6 +609,160 @@ mod tests {
         tokio::io::AsyncReadExt::read_to_end(&mut current.snapshot, &mut converted).await?;
         assert_eq!(converted, bytes);
         assert!(sm.snapshots.get(KEY_INLINE_SNAPSHOT)?.is_none());
+        Ok(())
+    }
+
+    fn set(index: u64, key: &[u8], value: &[u8]) -> typ::Entry {
+        let set = guest_kv::command::Command::Set {
+            key,
+            value,
+            ttl_ms: 0,
+        };
+        entry(index, vec![Op::Apply(set.encode())])
+    }
+
+    fn membership(index: u64, voters: &[NodeId]) -> typ::Entry {
+        let voters: BTreeSet<NodeId> = voters.iter().copied().collect();
+        let nodes: BTreeMap<NodeId, NodeInfo> =
+            voters.iter().map(|id| (*id, NodeInfo::default())).collect();
+        typ::Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Membership(openraft::Membership::new(vec![voters], nodes)),
+        }
+    }
+
+    /// What a state is: its state hash, applied id and membership.
+    async fn fingerprint(
+        sm: &mut StateMachineStore,
+    ) -> anyhow::Result<(String, Option<typ::LogId>, typ::StoredMembership)> {
+        let (applied, membership) = sm.applied_state().await?;
+        Ok((sm.reader().state_hash()?, applied, membership))
+    }
+
+    /// A state machine in `dir` at index 4 with voter 1 and the key `old`.
+    async fn old_state(dir: &tempfile::TempDir) -> anyhow::Result<StateMachineStore> {
+        let mut sm = open(dir)?;
+        sm.apply([
+            stage(1, BUNDLED_GUEST.to_vec()),
+            entry(
+                2,
+                vec![Op::ActivateGuest {
+                    hash: hash_of(BUNDLED_GUEST),
+                    force: true,
+                }],
+            ),
+            membership(3, &[1]),
+        ])
+        .await?;
+        sm.apply([set(4, b"old", b"1")]).await?;
+        Ok(sm)
+    }
+
+    /// A snapshot at index 6 with voters 1 and 2 and forty keys of its own,
+    /// and the state hash it holds.
+    async fn new_snapshot() -> anyhow::Result<(typ::SnapshotMeta, Vec<u8>, String)> {
+        use tokio::io::AsyncReadExt as _;
+        let dir = tempfile::tempdir()?;
+        let mut sm = open(&dir)?;
+        sm.apply([
+            stage(1, BUNDLED_GUEST.to_vec()),
+            entry(
+                2,
+                vec![Op::ActivateGuest {
+                    hash: hash_of(BUNDLED_GUEST),
+                    force: true,
+                }],
+            ),
+            membership(3, &[1, 2]),
+        ])
+        .await?;
+        let keys: Vec<Op> = (0..40)
+            .map(|n| {
+                let key = format!("new-{n:02}");
+                let set = guest_kv::command::Command::Set {
+                    key: key.as_bytes(),
+                    value: b"v",
+                    ttl_ms: 0,
+                };
+                Op::Apply(set.encode())
+            })
+            .collect();
+        sm.apply([entry(4, keys), set(5, b"old", b"2"), set(6, b"last", b"3")])
+            .await?;
+        let state_hash = sm.reader().state_hash()?;
+        let mut snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
+        let mut bytes = Vec::new();
+        snapshot.snapshot.read_to_end(&mut bytes).await?;
+        Ok((snapshot.meta, bytes, state_hash))
+    }
+
+    /// A snapshot install cut off part way leaves the old state or, once the
+    /// snapshot is stored, the whole snapshot after a reopen — never a mix —
+    /// with the applied id and membership of the state it holds.
+    #[tokio::test]
+    async fn interrupted_snapshot_install_ends_as_the_old_state_or_the_whole_snapshot()
+    -> anyhow::Result<()> {
+        let (meta, bytes, snapshot_hash) = new_snapshot().await?;
+        let dir = tempfile::tempdir()?;
+        let old = {
+            let mut sm = old_state(&dir).await?;
+            fingerprint(&mut sm).await?
+        };
+        assert_ne!(old.0, snapshot_hash);
+
+        // Cut off while receiving: nothing is stored, the old state stays.
+        {
+            let mut sm = open(&dir)?;
+            let cut = received(&mut sm, &bytes[..bytes.len() / 2]).await?;
+            assert!(sm.install_snapshot(&meta, cut).await.is_err());
+        }
+        let mut sm = open(&dir)?;
+        assert_eq!(fingerprint(&mut sm).await?, old);
+        assert!(sm.get_current_snapshot().await?.is_none());
+
+        // Cut off while replacing the state, after the snapshot was stored
+        // (as `install` does): the file read runs out among the guest keys.
+        let mut file = received(&mut sm, &bytes).await?;
+        store_snapshot(
+            &sm.disk,
+            &sm.snapshots,
+            &sm.snapshot_dir,
+            file.path(),
+            &meta,
+        )
+        .await?;
+        file.keep();
+        drop(file);
+        let cut = dir.path().join("cut-short");
+        std::fs::write(&cut, &bytes[..bytes.len() - 200])?;
+        let replaced = replace_state(&sm.tree, &sm.disk, &sm.reader.gate, &cut);
+        assert!(replaced.is_err(), "a cut-short file replaced the state");
+        // The tree now holds part of the snapshot and no applied id.
+        assert!(redo::read_head(&sm.tree)?.is_none());
+        let partial = sm.reader().state_hash()?;
+        assert!(
+            partial != old.0 && partial != snapshot_hash,
+            "the cut changed nothing"
+        );
+        let guest_entries = |entries: &mut dyn Iterator<Item = Vec<u8>>| {
+            entries.filter(|key| key.first() == Some(&GUEST)).count()
+        };
+        let in_snapshot = guest_entries(&mut entries_of(&bytes)?.into_iter().map(|(k, _)| k));
+        let in_tree = guest_entries(&mut sm.tree.iter().keys().map(|k| k.expect("key").to_vec()));
+        assert!(
+            0 < in_tree && in_tree < in_snapshot,
+            "{in_tree} of the snapshot's {in_snapshot} guest entries were written"
+        );
+        drop(sm);
+
+        let mut sm = open(&dir)?;
+        let (state_hash, applied, membership) = fingerprint(&mut sm).await?;
+        assert_eq!(state_hash, snapshot_hash);
+        assert_eq!(applied, meta.last_log_id);
+        assert_eq!(membership, meta.last_membership);
+        let voters: Vec<NodeId> = membership.membership().voter_ids().collect();
+        assert_eq!(voters, [1, 2]);
+        assert!(sm.reader().active().is_some(), "the guest came with it");
         Ok(())
     }
 }
