@@ -16,8 +16,12 @@
 //!   on shutdown.
 //! - [`raft`]: openraft types, sled storage, the write batcher, the read
 //!   barrier, the peer transport (`raft::peer`: wire format, client pool,
-//!   server, streams).
-//! - [`runtime`]: the wasmtime guest runtime (load, validate, cache, apply).
+//!   server, streams), the state machine (`raft::state_machine`: key
+//!   layout, apply loop, guest lifecycle, reader, snapshots).
+//! - [`runtime`]: the wasmtime guest runtime: `engine` (`GuestRuntime`,
+//!   `Limits`), `module` (`GuestModule`: load, validate, cache), `instance`
+//!   (`GuestInstance`: calls, fuel, the write overlay), `bindings` (the one
+//!   `bindgen!`).
 //! - [`metrics`]: the counters, gauges and histograms of `/metrics`, in one
 //!   Prometheus registry.
 //! - [`tls`]: the rustls configurations of both ports (`--tls-*`).

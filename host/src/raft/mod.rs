@@ -4,9 +4,12 @@
 //! # Layout
 //! - [`disk`]: `Disk`, the node's sled database and its one flush.
 //! - [`log_store`]: `LogStore`, the Raft log, vote and committed id on sled.
-//! - [`state_machine`]: `StateMachineStore`, applies entries through the guest;
-//!   [`redo`] makes each apply call atomic across a crash;
-//!   [`snapshot_file`] is the streamed snapshot format and its files.
+//! - [`state_machine`]: `StateMachineStore`, applies entries through the
+//!   guest — one file each for the key layout, the apply loop, the guest
+//!   lifecycle (stage, activate, migrate, history), the reader (queries,
+//!   state hash) and snapshots; [`redo`] makes each apply call atomic
+//!   across a crash; [`snapshot_file`] is the streamed snapshot format and
+//!   its files.
 //! - [`peer`]: the peer transport: wire format, `NetworkFactory` (the
 //!   client openraft drives), the `--raft` port's server, TLS or plain
 //!   streams.

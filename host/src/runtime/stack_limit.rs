@@ -600,7 +600,7 @@ mod tests {
     }
 
     fn is_limit_trap(result: &Result<i32, wasmtime::Error>) -> bool {
-        matches!(result, Err(error) if crate::runtime::hit_stack_limit(error))
+        matches!(result, Err(error) if crate::runtime::instance::hit_stack_limit(error))
     }
 
     /// Runs on a thread with room for any backstop the tests use.
@@ -894,7 +894,7 @@ mod tests {
     /// no later.
     #[test]
     fn rewrite_is_deterministic_and_may_be_repeated() {
-        let component = crate::runtime::componentize(crate::runtime::BUNDLED_GUEST)
+        let component = crate::runtime::module::componentize(crate::runtime::BUNDLED_GUEST)
             .expect("the bundled guest is a valid core module");
         let once = instrument(&component, 1000).expect("instruments");
         assert_eq!(once, instrument(&component, 1000).expect("instruments"));
@@ -920,9 +920,13 @@ mod tests {
             let wasm = wat::parse_str(shape(kind)).expect("valid wat");
             let ran = run(&wasm, limit, native_stack_bytes(limit), i32::MAX);
             assert!(is_limit_trap(&ran.result), "{kind}: {:?}", ran.result);
-            let message =
-                crate::runtime::describe_failure(ran.result.expect_err("traps"), None, 0, limit)
-                    .expect("a refusal, not a host fault");
+            let message = crate::runtime::instance::describe_failure(
+                ran.result.expect_err("traps"),
+                None,
+                0,
+                limit,
+            )
+            .expect("a refusal, not a host fault");
             assert!(message.contains("call stack exhausted"), "{message}");
         }
     }
@@ -948,7 +952,7 @@ mod tests {
                 error.downcast_ref::<wasmtime::Trap>(),
                 Some(&wasmtime::Trap::StackOverflow)
             );
-            assert!(crate::runtime::describe_failure(error, None, 0, 0).is_err());
+            assert!(crate::runtime::instance::describe_failure(error, None, 0, 0).is_err());
         }
     }
 
