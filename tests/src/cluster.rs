@@ -53,6 +53,32 @@ const ANY_PORT: &str = "127.0.0.1:0";
 /// Panics in this test process so far, on any thread.
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
+/// Errors that reached a test function's `?` (see [`Failure`]).
+static FAILURES: AtomicUsize = AtomicUsize::new(0);
+
+/// What a cluster test returns: like `anyhow::Result`, but an error that
+/// leaves the test through `?` (or [`crate::ensure!`]) is counted in
+/// [`FAILURES`] before the test's cluster is dropped, so the cluster keeps
+/// its data and logs for a test that fails by returning an error, not only
+/// by panicking.
+pub type TestResult<T = ()> = Result<T, Failure>;
+
+/// The error of a failed [`TestResult`]; printed as `anyhow` prints it.
+pub struct Failure(anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        FAILURES.fetch_add(1, Ordering::SeqCst);
+        Failure(error.into())
+    }
+}
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
 /// Counts panics in [`PANICS`] (then reports them as before), so that a
 /// cluster notices a failed assertion in a spawned task or thread, not only
 /// one on its own thread.
@@ -113,6 +139,8 @@ pub struct TestCluster {
     tls: Option<TestCa>,
     /// [`PANICS`] when the cluster was made.
     panics_before: usize,
+    /// [`FAILURES`] when the cluster was made.
+    failures_before: usize,
     /// Set when the test failed in a way the harness saw.
     failed: AtomicBool,
 }
@@ -132,6 +160,7 @@ impl TestCluster {
             client: Self::client_builder().build().expect("http client"),
             tls: None,
             panics_before: PANICS.load(Ordering::SeqCst),
+            failures_before: FAILURES.load(Ordering::SeqCst),
             failed: AtomicBool::new(false),
         }
     }
@@ -146,11 +175,13 @@ impl TestCluster {
     /// Whether the cluster's data will be kept on drop: the test panicked,
     /// something panicked in this process since the cluster was made (a
     /// failed assertion in a spawned task, or a parallel test of the same
-    /// file: keeping too much is harmless), or [`TestCluster::keep`] was
-    /// called, or a harness wait timed out.
+    /// file: keeping too much is harmless), an error left a test through
+    /// `?` into a [`TestResult`] (likewise in any test of the process), or
+    /// [`TestCluster::keep`] was called, or a harness wait timed out.
     pub fn kept(&self) -> bool {
         std::thread::panicking()
             || PANICS.load(Ordering::SeqCst) > self.panics_before
+            || FAILURES.load(Ordering::SeqCst) > self.failures_before
             || self.failed.load(Ordering::SeqCst)
     }
 

@@ -137,3 +137,26 @@ pub async fn closed_within(
         }
     }
 }
+
+/// `anyhow::ensure!` for a function returning either `anyhow::Result` or a
+/// cluster test's [`cluster::TestResult`] (whose failures keep the
+/// cluster's data): returns the error `.into()` the function's error type.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr $(,)?) => {
+        $crate::ensure!($cond, concat!("condition failed: `", stringify!($cond), "`"))
+    };
+    ($cond:expr, $($message:tt)+) => {
+        if !$cond {
+            return ::core::result::Result::Err(::anyhow::anyhow!($($message)+).into());
+        }
+    };
+}
+
+/// `anyhow::bail!` for either error type, as [`ensure!`].
+#[macro_export]
+macro_rules! bail {
+    ($($message:tt)+) => {
+        return ::core::result::Result::Err(::anyhow::anyhow!($($message)+).into())
+    };
+}

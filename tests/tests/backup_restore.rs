@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::cluster::{TestCluster, binary};
 
 const TOKEN: &str = "--token=backup-test-token";
@@ -42,7 +43,7 @@ async fn backup(hosts: &str, file: &Path) -> anyhow::Result<String> {
         &file,
     ])
     .await?;
-    anyhow::ensure!(ok, "backup failed: {stdout}{stderr}");
+    raftwasm_tests::ensure!(ok, "backup failed: {stdout}{stderr}");
     Ok(stdout)
 }
 
@@ -64,7 +65,7 @@ async fn write_keys(
         let answer = cluster
             .get(i, &format!("/set?key={prefix}-{n}&value=value-{n}"))
             .await?;
-        anyhow::ensure!(answer == (200, "ok".into()), "set {prefix}-{n}: {answer:?}");
+        raftwasm_tests::ensure!(answer == (200, "ok".into()), "set {prefix}-{n}: {answer:?}");
     }
     Ok(())
 }
@@ -75,13 +76,13 @@ fn holds_no_node(dir: &Path) -> bool {
 }
 
 #[tokio::test]
-async fn restored_cluster_serves_every_key_acknowledged_before_the_backup() -> anyhow::Result<()> {
+async fn restored_cluster_serves_every_key_acknowledged_before_the_backup() -> TestResult {
     const BEFORE: usize = 200;
     let mut cluster = TestCluster::start(3, &[TOKEN]).await?;
     let leader = cluster.leader().await?;
     write_keys(&cluster, leader, "before", BEFORE).await?;
     let guest_hash = cluster.status(leader).await?["guest"]["hash"].clone();
-    anyhow::ensure!(guest_hash.is_string(), "no guest hash");
+    raftwasm_tests::ensure!(guest_hash.is_string(), "no guest hash");
 
     // Writes go on while the backup is taken, for at most 30 s.
     let stop = Arc::new(AtomicBool::new(false));
@@ -120,7 +121,7 @@ async fn restored_cluster_serves_every_key_acknowledged_before_the_backup() -> a
         std::fs::metadata(&file)?.len(),
         during.load(Ordering::Relaxed)
     );
-    anyhow::ensure!(
+    raftwasm_tests::ensure!(
         printed.contains(&header.state_hash),
         "the backup did not print its state hash: {printed}"
     );
@@ -135,7 +136,7 @@ async fn restored_cluster_serves_every_key_acknowledged_before_the_backup() -> a
     }
     let restored = cluster.add_node(&[TOKEN]);
     let (ok, printed) = restore(&file, &cluster.nodes[restored].dir).await?;
-    anyhow::ensure!(ok, "restore failed: {printed}");
+    raftwasm_tests::ensure!(ok, "restore failed: {printed}");
     cluster.spawn(restored, &["--bootstrap"])?;
     cluster.wait_for_guest(restored).await?;
     for _ in 0..2 {
@@ -214,7 +215,7 @@ fn damaged_copies(good: &[u8], dir: &Path) -> anyhow::Result<Vec<(&'static str, 
 }
 
 #[tokio::test]
-async fn damaged_truncated_and_foreign_files_are_refused() -> anyhow::Result<()> {
+async fn damaged_truncated_and_foreign_files_are_refused() -> TestResult {
     let mut cluster = TestCluster::start(1, &[TOKEN]).await?;
     write_keys(&cluster, 0, "key", 20).await?;
 

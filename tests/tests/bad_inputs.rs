@@ -3,6 +3,7 @@
 //! largest allowed value goes through whole.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 /// The largest value the API accepts, in bytes.
 const MAX_VALUE: usize = 1 << 20;
@@ -22,7 +23,7 @@ async fn state(cluster: &TestCluster) -> anyhow::Result<(String, u64)> {
 }
 
 #[tokio::test]
-async fn bad_requests_are_refused_without_touching_state() -> anyhow::Result<()> {
+async fn bad_requests_are_refused_without_touching_state() -> TestResult {
     let cluster = TestCluster::start(1, &[]).await?;
     assert_eq!(
         cluster.get(0, "/set?key=present&value=v").await?,

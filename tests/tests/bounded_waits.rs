@@ -6,11 +6,12 @@
 use std::time::{Duration, Instant};
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[tokio::test]
-async fn a_guest_upload_without_the_token_is_refused_before_its_body() -> anyhow::Result<()> {
+async fn a_guest_upload_without_the_token_is_refused_before_its_body() -> TestResult {
     let cluster = TestCluster::start(1, &["--token=s3cret"]).await?;
     let mut stream = TcpStream::connect(&cluster.nodes[0].http).await?;
     stream
@@ -34,7 +35,7 @@ async fn cluster_without_quorum(args: &[&str]) -> anyhow::Result<(TestCluster, u
 }
 
 #[tokio::test]
-async fn a_full_write_queue_is_refused_with_503() -> anyhow::Result<()> {
+async fn a_full_write_queue_is_refused_with_503() -> TestResult {
     let args = ["--write-timeout-ms=3000", "--max-write-queue-bytes=1000000"];
     let (cluster, leader) = cluster_without_quorum(&args).await?;
     let cluster = &cluster;
@@ -63,12 +64,12 @@ fn signal(cluster: &TestCluster, i: usize, signal: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .status()?;
-    anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+    raftwasm_tests::ensure!(status.success(), "kill -{signal} {pid} failed");
     Ok(())
 }
 
 #[tokio::test]
-async fn a_linearizable_read_that_cannot_be_confirmed_answers_504() -> anyhow::Result<()> {
+async fn a_linearizable_read_that_cannot_be_confirmed_answers_504() -> TestResult {
     let cluster = TestCluster::start(2, &["--read-timeout-ms=1000"]).await?;
     let leader = cluster.leader().await?;
     let follower = 1 - leader;
@@ -83,7 +84,7 @@ async fn a_linearizable_read_that_cannot_be_confirmed_answers_504() -> anyhow::R
                 .rsplit(") ")
                 .next()
                 .and_then(|rest| rest.chars().next());
-            anyhow::ensure!(state == Some('T'), "state {state:?}");
+            raftwasm_tests::ensure!(state == Some('T'), "state {state:?}");
             Ok(())
         })
         .await?;

@@ -4,6 +4,7 @@
 //! Requests without an `Origin` (curl, other nodes) are unaffected.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use reqwest::Method;
 
 const EVIL: &str = "http://evil.example";
@@ -29,7 +30,7 @@ async fn send(
 }
 
 #[tokio::test]
-async fn cross_origin_requests_that_change_state_are_refused() -> anyhow::Result<()> {
+async fn cross_origin_requests_that_change_state_are_refused() -> TestResult {
     let cluster = TestCluster::start(1, &[]).await?;
     let changes = [
         (Method::GET, "/set?key=k&value=v"),
@@ -80,7 +81,7 @@ async fn cross_origin_requests_that_change_state_are_refused() -> anyhow::Result
 }
 
 #[tokio::test]
-async fn an_allowed_origin_may_change_state() -> anyhow::Result<()> {
+async fn an_allowed_origin_may_change_state() -> TestResult {
     let args = [
         "--allow-origin=http://app.example",
         "--allow-origin=https://ops.example",

@@ -7,6 +7,7 @@ use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
 use raftwasm::proto::{Role, Status};
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::cluster::{TestCluster, binary};
 
 /// Runs `raftwasm ARGS` with `env` and `stdin`, with none of the client
@@ -47,7 +48,7 @@ fn endpoints(cluster: &TestCluster, first: usize) -> String {
 }
 
 #[tokio::test]
-async fn kv_commands_find_the_leader_and_exit_with_documented_codes() -> anyhow::Result<()> {
+async fn kv_commands_find_the_leader_and_exit_with_documented_codes() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     // A follower first: the CLI must follow it to the leader.
@@ -115,7 +116,7 @@ async fn kv_commands_find_the_leader_and_exit_with_documented_codes() -> anyhow:
     cluster
         .wait_for("the key with a ttl to expire", || async {
             let (code, _, _) = run(&["kv", "get", "brief"], b"")?;
-            anyhow::ensure!(code == Some(1), "get answers {code:?}");
+            raftwasm_tests::ensure!(code == Some(1), "get answers {code:?}");
             Ok(())
         })
         .await?;
@@ -142,7 +143,7 @@ async fn kv_commands_find_the_leader_and_exit_with_documented_codes() -> anyhow:
 }
 
 #[tokio::test]
-async fn unreachable_cluster_exits_3() -> anyhow::Result<()> {
+async fn unreachable_cluster_exits_3() -> TestResult {
     // A port nobody listens on: bound, noted, and closed again.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -165,7 +166,7 @@ async fn unreachable_cluster_exits_3() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn kv_set_reaches_the_new_leader_after_the_leader_is_killed() -> anyhow::Result<()> {
+async fn kv_set_reaches_the_new_leader_after_the_leader_is_killed() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let old = cluster.leader().await?;
     let all = format!("--cluster={}", endpoints(&cluster, old));
@@ -188,7 +189,7 @@ async fn kv_set_reaches_the_new_leader_after_the_leader_is_killed() -> anyhow::R
 }
 
 #[tokio::test]
-async fn status_and_member_commands_manage_a_cluster() -> anyhow::Result<()> {
+async fn status_and_member_commands_manage_a_cluster() -> TestResult {
     let token = "cli-test-token";
     let mut cluster = TestCluster::start(3, &[&format!("--token={token}")]).await?;
     let leader = cluster.leader().await?;
@@ -211,11 +212,11 @@ async fn status_and_member_commands_manage_a_cluster() -> anyhow::Result<()> {
     let table = cluster
         .wait_for("status to show every member running guest-kv", || async {
             let (code, out, err) = outcome(&raftwasm(&["status", &all], &[], b"")?);
-            anyhow::ensure!(code == Some(0), "status exited {code:?}: {err}");
+            raftwasm_tests::ensure!(code == Some(0), "status exited {code:?}: {err}");
             let table = String::from_utf8(out)?;
             for node in &cluster.nodes {
                 let row = table.lines().find(|l| l.contains(&node.http));
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     row.is_some_and(|r| r.contains(&node.raft) && r.contains("guest-kv")),
                     "no full row for {}:\n{table}",
                     node.http
@@ -274,7 +275,7 @@ async fn status_and_member_commands_manage_a_cluster() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn kv_commands_speak_https_to_a_tls_cluster() -> anyhow::Result<()> {
+async fn kv_commands_speak_https_to_a_tls_cluster() -> TestResult {
     let cluster = TestCluster::new().with_tls()?.start_nodes(3, &[]).await?;
     let ca = cluster.ca().map(|ca| ca.file.display().to_string());
     let ca = format!("--tls-ca={}", ca.unwrap_or_default());
@@ -294,7 +295,7 @@ async fn kv_commands_speak_https_to_a_tls_cluster() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn every_subcommand_has_help_with_examples() -> anyhow::Result<()> {
+async fn every_subcommand_has_help_with_examples() -> TestResult {
     let subcommands: &[&[&str]] = &[
         &["kv", "get"],
         &["kv", "set"],
@@ -323,7 +324,7 @@ async fn every_subcommand_has_help_with_examples() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn guest_commands_deploy_and_show_a_guest() -> anyhow::Result<()> {
+async fn guest_commands_deploy_and_show_a_guest() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let all = format!("--cluster={}", endpoints(&cluster, (leader + 1) % 3));
@@ -339,7 +340,7 @@ async fn guest_commands_deploy_and_show_a_guest() -> anyhow::Result<()> {
             for i in 0..3 {
                 let guest = cluster.typed_status(i).await?.guest;
                 let version = guest.as_ref().map(|g| g.version.as_str());
-                anyhow::ensure!(version == Some("0.2.0"), "node {i} runs {version:?}");
+                raftwasm_tests::ensure!(version == Some("0.2.0"), "node {i} runs {version:?}");
             }
             Ok(())
         })

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::Context as _;
 use raftwasm_tests::KV_NEXT_GUEST;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
+use raftwasm_tests::{bail, ensure};
 
 /// The command tag of kv-next's `incr`.
 const INCR: u8 = 0x10;
@@ -186,7 +188,7 @@ async fn deploy_counter_guest(cluster: &TestCluster) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn killed_nodes_lose_no_acknowledged_write_and_apply_none_twice() -> anyhow::Result<()> {
+async fn killed_nodes_lose_no_acknowledged_write_and_apply_none_twice() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     deploy_counter_guest(&cluster).await?;
     let writer = Writer {

@@ -14,6 +14,7 @@ use browser::{Browser, Page};
 use raftwasm::proto::{ClusterView, FORWARD_HEADER, GuestHistory};
 use raftwasm_tests::KV_NEXT_GUEST;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use serde_json::Value;
 
 /// Waits until `expression` evaluates on `page` to a value that `accept`
@@ -29,7 +30,7 @@ async fn wait_on_page(
     cluster
         .wait_for(what, || async move {
             let value = page.evaluate(expression).await?;
-            anyhow::ensure!(accept(&value), "the page shows {value}");
+            raftwasm_tests::ensure!(accept(&value), "the page shows {value}");
             Ok(value)
         })
         .await
@@ -94,7 +95,7 @@ fn spawn_load(client: reqwest::Client, base: String) -> Load {
 }
 
 #[tokio::test]
-async fn dashboard_shows_the_cluster_and_follows_a_failover() -> anyhow::Result<()> {
+async fn dashboard_shows_the_cluster_and_follows_a_failover() -> TestResult {
     // The browser first: without one the test fails here, saying how to
     // install it.
     let browser = Browser::launch().await?;
@@ -116,7 +117,7 @@ async fn dashboard_shows_the_cluster_and_follows_a_failover() -> anyhow::Result<
         .await?;
         for i in 0..3 {
             let id = cluster.typed_status(i).await?.id.to_string();
-            anyhow::ensure!(
+            raftwasm_tests::ensure!(
                 states.get(&id).is_some(),
                 "node {id} is not listed: {states}"
             );
@@ -322,11 +323,11 @@ async fn dashboard_shows_the_cluster_and_follows_a_failover() -> anyhow::Result<
     if result.is_err() {
         eprintln!("chromium's stderr:\n{}", browser.stderr_tail());
     }
-    result
+    Ok(result?)
 }
 
 #[tokio::test]
-async fn cluster_view_lists_a_killed_member_with_the_reason() -> anyhow::Result<()> {
+async fn cluster_view_lists_a_killed_member_with_the_reason() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let follower = (leader + 1) % 3;
@@ -358,11 +359,11 @@ async fn cluster_view_lists_a_killed_member_with_the_reason() -> anyhow::Result<
                 .iter()
                 .find(|m| m.http == dead)
                 .ok_or_else(|| anyhow::anyhow!("not listed"))?;
-            anyhow::ensure!(member.status.is_none(), "still up: {member:?}");
+            raftwasm_tests::ensure!(member.status.is_none(), "still up: {member:?}");
             // The reason names the cause, not only reqwest's "error sending
             // request": nothing listens on a killed member's port.
             let reason = member.error.as_deref().unwrap_or_default();
-            anyhow::ensure!(reason.contains("refused"), "no cause given: {member:?}");
+            raftwasm_tests::ensure!(reason.contains("refused"), "no cause given: {member:?}");
             Ok(())
         })
         .await?;
@@ -370,7 +371,7 @@ async fn cluster_view_lists_a_killed_member_with_the_reason() -> anyhow::Result<
 }
 
 #[tokio::test]
-async fn follower_forwards_a_write_only_when_asked() -> anyhow::Result<()> {
+async fn follower_forwards_a_write_only_when_asked() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let follower = (leader + 1) % 3;

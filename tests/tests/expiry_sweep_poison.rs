@@ -6,10 +6,10 @@
 
 use guest_kv::command::Command;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 #[tokio::test]
-async fn oversized_commands_through_apply_are_refused_and_writes_keep_working() -> anyhow::Result<()>
-{
+async fn oversized_commands_through_apply_are_refused_and_writes_keep_working() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
 

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+use raftwasm_tests::bail;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 /// Concurrent writers, each with its own keys.
 const WRITERS: usize = 8;
@@ -121,7 +123,7 @@ async fn wait_for_acks(cluster: &TestCluster, acks: &[Ack]) -> anyhow::Result<()
                     let (code, body) = cluster
                         .get(i, &format!("/get?key={}&consistency=stale", ack.key))
                         .await?;
-                    anyhow::ensure!(
+                    raftwasm_tests::ensure!(
                         code == 200 && body == ack.value,
                         "{} (acknowledged by node {}) reads {code} {body:?}",
                         ack.key,
@@ -136,7 +138,7 @@ async fn wait_for_acks(cluster: &TestCluster, acks: &[Ack]) -> anyhow::Result<()
 }
 
 #[tokio::test]
-async fn acknowledged_writes_survive_killing_the_leader_mid_write() -> anyhow::Result<()> {
+async fn acknowledged_writes_survive_killing_the_leader_mid_write() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let old_leader = cluster.leader().await?;
     let writer = Writer {
@@ -163,7 +165,7 @@ async fn acknowledged_writes_survive_killing_the_leader_mid_write() -> anyhow::R
     cluster
         .wait_for("writes acknowledged by the first leader", || async {
             let n = acks_from(&|node| node == old_leader);
-            anyhow::ensure!(n >= ACKS_PER_PHASE, "{n} acknowledged");
+            raftwasm_tests::ensure!(n >= ACKS_PER_PHASE, "{n} acknowledged");
             Ok(())
         })
         .await?;
@@ -176,7 +178,7 @@ async fn acknowledged_writes_survive_killing_the_leader_mid_write() -> anyhow::R
     cluster
         .wait_for("writes acknowledged by the new leader", || async {
             let n = acks_from(&|node| node != old_leader);
-            anyhow::ensure!(n >= ACKS_PER_PHASE, "{n} acknowledged");
+            raftwasm_tests::ensure!(n >= ACKS_PER_PHASE, "{n} acknowledged");
             Ok(())
         })
         .await?;
@@ -201,5 +203,5 @@ async fn acknowledged_writes_survive_killing_the_leader_mid_write() -> anyhow::R
             .is_some_and(|p| Some(p) != old_pid)
     );
     wait_for_acks(&cluster, &acks).await?;
-    cluster.wait_for_same_state().await
+    Ok(cluster.wait_for_same_state().await?)
 }

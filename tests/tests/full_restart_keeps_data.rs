@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 /// Keys written before the restart.
 const KEYS: usize = 30;
@@ -18,7 +19,7 @@ async fn write_keys(cluster: &TestCluster, prefix: &str) -> anyhow::Result<Vec<(
         let answer = cluster
             .get(leader, &format!("/set?key={key}&value={value}"))
             .await?;
-        anyhow::ensure!(answer == (200, "ok".into()), "set {key}: {answer:?}");
+        raftwasm_tests::ensure!(answer == (200, "ok".into()), "set {key}: {answer:?}");
         written.push((key, value));
     }
     Ok(written)
@@ -49,7 +50,7 @@ fn restart_all(cluster: &mut TestCluster, args: &[&str]) -> anyhow::Result<()> {
     for (i, old) in old.into_iter().enumerate() {
         cluster.spawn(i, args)?;
         let pid = cluster.nodes[i].pid();
-        anyhow::ensure!(
+        raftwasm_tests::ensure!(
             pid.is_some() && pid != old,
             "node {i} was not restarted: pid {pid:?}, before {old:?}"
         );
@@ -80,7 +81,10 @@ async fn assert_cluster_kept(
             .wait_for(&format!("every key on node {i}"), || async {
                 for (key, value) in written {
                     let answer = cluster.get(i, &format!("/get?key={key}")).await?;
-                    anyhow::ensure!(answer == (200, value.clone()), "{key} reads {answer:?}");
+                    raftwasm_tests::ensure!(
+                        answer == (200, value.clone()),
+                        "{key} reads {answer:?}"
+                    );
                 }
                 Ok(())
             })
@@ -95,18 +99,18 @@ async fn assert_cluster_kept(
 }
 
 #[tokio::test]
-async fn restarted_cluster_keeps_every_key() -> anyhow::Result<()> {
+async fn restarted_cluster_keeps_every_key() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let written = write_keys(&cluster, "plain").await?;
     let members = member_ids(&cluster, 0).await?;
     assert_eq!(members.len(), 3);
 
     restart_all(&mut cluster, &[])?;
-    assert_cluster_kept(&cluster, &members, &written).await
+    Ok(assert_cluster_kept(&cluster, &members, &written).await?)
 }
 
 #[tokio::test]
-async fn bootstrap_flag_on_a_full_restart_does_not_start_new_clusters() -> anyhow::Result<()> {
+async fn bootstrap_flag_on_a_full_restart_does_not_start_new_clusters() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let written = write_keys(&cluster, "boot").await?;
     let members = member_ids(&cluster, 0).await?;
@@ -115,12 +119,11 @@ async fn bootstrap_flag_on_a_full_restart_does_not_start_new_clusters() -> anyho
     // Each used data dir must rejoin its cluster instead of bootstrapping a
     // single-node one of its own.
     restart_all(&mut cluster, &["--bootstrap=true"])?;
-    assert_cluster_kept(&cluster, &members, &written).await
+    Ok(assert_cluster_kept(&cluster, &members, &written).await?)
 }
 
 #[tokio::test]
-async fn followers_restarted_first_elect_a_leader_and_the_old_leader_rejoins() -> anyhow::Result<()>
-{
+async fn followers_restarted_first_elect_a_leader_and_the_old_leader_rejoins() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let written = write_keys(&cluster, "order").await?;
     let members = member_ids(&cluster, 0).await?;

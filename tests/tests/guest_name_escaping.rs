@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{ODD_NAME, ODD_NAME_GUEST, odd_name_guest_with_newline};
 
 /// One sample line of the text exposition format.
@@ -119,7 +120,7 @@ fn is_label_name(name: &str) -> bool {
 }
 
 #[tokio::test]
-async fn guest_name_with_quotes_and_backslashes_reads_back_everywhere() -> anyhow::Result<()> {
+async fn guest_name_with_quotes_and_backslashes_reads_back_everywhere() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let response = cluster
@@ -137,7 +138,7 @@ async fn guest_name_with_quotes_and_backslashes_reads_back_everywhere() -> anyho
         cluster
             .wait_for(&format!("node {i} running the guest"), || async {
                 let status = cluster.status(i).await?;
-                anyhow::ensure!(status["guest"]["hash"] == hash, "{}", status["guest"]);
+                raftwasm_tests::ensure!(status["guest"]["hash"] == hash, "{}", status["guest"]);
                 Ok(())
             })
             .await?;
@@ -173,7 +174,7 @@ async fn guest_name_with_quotes_and_backslashes_reads_back_everywhere() -> anyho
 }
 
 #[tokio::test]
-async fn guest_name_with_a_newline_is_refused_at_upload() -> anyhow::Result<()> {
+async fn guest_name_with_a_newline_is_refused_at_upload() -> TestResult {
     let cluster = TestCluster::start(1, &[]).await?;
     let before = cluster.status(0).await?["guest"].clone();
     let response = cluster

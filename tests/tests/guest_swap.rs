@@ -3,6 +3,7 @@
 //! live, and writes during the swap are not lost.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{KV_NEXT_GUEST, LEDGER_GUEST};
 
 const INCR: u8 = 0x10;
@@ -35,7 +36,7 @@ async fn deploy(
     module: &[u8],
 ) -> anyhow::Result<(serde_json::Value, String)> {
     let response = cluster.post(i, "/guest", module.to_vec()).await?;
-    anyhow::ensure!(
+    raftwasm_tests::ensure!(
         response.status().as_u16() == 200,
         "deploy answered {}",
         response.status()
@@ -52,11 +53,11 @@ async fn wait_for_guest_everywhere(cluster: &TestCluster, hash: &str) -> anyhow:
             &format!("guest {hash} with equal state on every node"),
             || async {
                 let seen = hashes_and_guests(cluster).await?;
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     seen.iter().all(|(_, g)| g["hash"] == hash),
                     "guests: {seen:?}"
                 );
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     seen.windows(2).all(|w| w[0] == w[1]),
                     "state differs: {seen:?}"
                 );
@@ -67,7 +68,7 @@ async fn wait_for_guest_everywhere(cluster: &TestCluster, hash: &str) -> anyhow:
 }
 
 #[tokio::test]
-async fn guest_swap_switches_every_node_at_one_index() -> anyhow::Result<()> {
+async fn guest_swap_switches_every_node_at_one_index() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let follower = (leader + 1) % 3;
@@ -129,7 +130,7 @@ async fn guest_swap_switches_every_node_at_one_index() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn writes_during_a_swap_are_acknowledged_and_kept() -> anyhow::Result<()> {
+async fn writes_during_a_swap_are_acknowledged_and_kept() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let base = format!("http://{}", cluster.nodes[leader].http);
@@ -177,7 +178,7 @@ async fn writes_during_a_swap_are_acknowledged_and_kept() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-async fn guest_swap_reaches_node_that_was_down() -> anyhow::Result<()> {
+async fn guest_swap_reaches_node_that_was_down() -> TestResult {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let down = (leader + 1) % 3;
@@ -203,7 +204,7 @@ async fn guest_swap_reaches_node_that_was_down() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn custom_guest_serves_its_own_commands() -> anyhow::Result<()> {
+async fn custom_guest_serves_its_own_commands() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     // Another name than guest-kv: the swap must be forced.
@@ -239,7 +240,7 @@ async fn custom_guest_serves_its_own_commands() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> anyhow::Result<()> {
+async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> TestResult {
     let mut cluster = TestCluster::start(3, &["--snapshot-entries=20", "--keep-entries=5"]).await?;
     let leader = cluster.leader().await?;
     let down = (leader + 1) % 3;
@@ -259,7 +260,7 @@ async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> anyhow::Result
             "the leader to purge what the stopped node misses",
             || async {
                 let purged = cluster.status(leader).await?["purged"].as_u64();
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     purged.is_some_and(|p| p > last_index),
                     "purged up to {purged:?}"
                 );
@@ -290,7 +291,7 @@ async fn guest_swap_reaches_node_that_catches_up_by_snapshot() -> anyhow::Result
 }
 
 #[tokio::test]
-async fn bootstrap_installs_the_guest_given_with_the_guest_flag() -> anyhow::Result<()> {
+async fn bootstrap_installs_the_guest_given_with_the_guest_flag() -> TestResult {
     let mut cluster = TestCluster::new();
     cluster.add_node(&[]);
     let file = cluster.nodes[0].dir.with_extension("ledger.wasm");

@@ -4,6 +4,7 @@
 
 use raftwasm::runtime::BUNDLED_GUEST;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{CHAOS_GUEST, KV_NEXT_GUEST};
 
 async fn snapshot_of(
@@ -18,7 +19,7 @@ async fn snapshot_of(
 }
 
 #[tokio::test]
-async fn bad_guests_are_refused_and_change_nothing() -> anyhow::Result<()> {
+async fn bad_guests_are_refused_and_change_nothing() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     assert_eq!(
@@ -33,7 +34,7 @@ async fn bad_guests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     cluster
         .wait_for("the upgrade on every node", || async {
             let seen = snapshot_of(&cluster).await?;
-            anyhow::ensure!(
+            raftwasm_tests::ensure!(
                 seen.iter().all(|(g, _)| g["hash"] == hash)
                     && seen.windows(2).all(|w| w[0] == w[1])
             );
@@ -83,7 +84,7 @@ async fn bad_guests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     cluster
         .wait_for("every node unchanged", || async {
             let after = snapshot_of(&cluster).await?;
-            anyhow::ensure!(after == before, "{after:?} != {before:?}");
+            raftwasm_tests::ensure!(after == before, "{after:?} != {before:?}");
             Ok(())
         })
         .await?;
@@ -93,7 +94,7 @@ async fn bad_guests_are_refused_and_change_nothing() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn cluster_token_guards_joins_removals_and_deploys() -> anyhow::Result<()> {
+async fn cluster_token_guards_joins_removals_and_deploys() -> TestResult {
     let cluster = TestCluster::start(2, &["--token=s3cret"]).await?;
     let leader = cluster.leader().await?;
 
@@ -125,7 +126,7 @@ async fn cluster_token_guards_joins_removals_and_deploys() -> anyhow::Result<()>
 }
 
 #[tokio::test]
-async fn node_without_the_token_cannot_join() -> anyhow::Result<()> {
+async fn node_without_the_token_cannot_join() -> TestResult {
     let mut cluster = TestCluster::start(1, &["--token=s3cret"]).await?;
     let stranger = cluster.add_node(&[]);
     let join = format!("--join={}", cluster.nodes[0].http);
@@ -133,7 +134,7 @@ async fn node_without_the_token_cannot_join() -> anyhow::Result<()> {
     cluster
         .wait_for("the stranger's join to be refused", || async {
             let log = cluster.nodes[stranger].log_text();
-            anyhow::ensure!(log.contains("401"), "no refusal yet");
+            raftwasm_tests::ensure!(log.contains("401"), "no refusal yet");
             Ok(())
         })
         .await?;

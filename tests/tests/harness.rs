@@ -2,9 +2,10 @@
 //! them, and a failed test keeps its nodes' data.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 #[tokio::test]
-async fn nodes_on_port_zero_advertise_the_ports_they_bound() -> anyhow::Result<()> {
+async fn nodes_on_port_zero_advertise_the_ports_they_bound() -> TestResult {
     let cluster = TestCluster::start(2, &[]).await?;
     let status = cluster.typed_status(0).await?;
     for (i, node) in cluster.nodes.iter().enumerate() {
@@ -21,7 +22,7 @@ async fn nodes_on_port_zero_advertise_the_ports_they_bound() -> anyhow::Result<(
 }
 
 #[tokio::test]
-async fn a_kept_cluster_leaves_its_data_and_a_passing_one_does_not() -> anyhow::Result<()> {
+async fn a_kept_cluster_leaves_its_data_and_a_passing_one_does_not() -> TestResult {
     let passing = TestCluster::start(1, &[]).await?;
     let passing_dir = passing.root().to_owned();
     drop(passing);

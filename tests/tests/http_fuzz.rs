@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use guest_kv::command::Command;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Requests sent by default; the run also stops after [`TIME_BUDGET`].
@@ -392,8 +393,10 @@ async fn send_raw(
         .and_then(|code| code.parse().ok());
     match (status, read) {
         (Some(status), _) => Ok(status),
-        (None, Err(e)) => anyhow::bail!("no answer: {e}"),
-        (None, Ok(_)) => anyhow::bail!("no status line in {:?}", String::from_utf8_lossy(&answer)),
+        (None, Err(e)) => raftwasm_tests::bail!("no answer: {e}"),
+        (None, Ok(_)) => {
+            raftwasm_tests::bail!("no status line in {:?}", String::from_utf8_lossy(&answer))
+        }
     }
 }
 
@@ -416,7 +419,7 @@ fn seed() -> u64 {
 }
 
 #[tokio::test]
-async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Result<()> {
+async fn random_requests_never_break_a_cluster_or_lose_a_write() -> TestResult {
     let seed = seed();
     // A count asked for explicitly is sent whole; the default run is also
     // bounded in time.
@@ -432,7 +435,7 @@ async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Resu
     let mut rng = Rng::new(seed);
     let mut cluster = TestCluster::start(3, &[]).await?;
     let members = member_ids(&cluster).await?;
-    anyhow::ensure!(members.len() == 3, "members {members:?}");
+    raftwasm_tests::ensure!(members.len() == 3, "members {members:?}");
 
     let started = Instant::now();
     let mut acknowledged: Vec<(String, String)> = Vec::new();
@@ -448,7 +451,7 @@ async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Resu
                 .collect();
             let path = format!("/set?key={key}&value={}", escape(value.as_bytes()));
             let (code, body) = cluster.get(i, &path).await?;
-            anyhow::ensure!(
+            raftwasm_tests::ensure!(
                 code < 500 || DELIBERATE_5XX.contains(&code),
                 "seed {seed}: {path} on node {i} answered {code} {body:?}"
             );
@@ -483,16 +486,16 @@ async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Resu
             // A node may refuse an oversized body by closing the
             // connection before the client has finished sending it.
             Err(_) if body.len() >= OVERSIZED_BODY => continue,
-            Err(e) => anyhow::bail!("{shown}: {e:#}"),
+            Err(e) => raftwasm_tests::bail!("{shown}: {e:#}"),
         };
         *statuses.entry(code).or_default() += 1;
-        anyhow::ensure!(
+        raftwasm_tests::ensure!(
             code < 500 || DELIBERATE_5XX.contains(&code),
             "{shown}: answered {code}"
         );
         if sent % 100 == 0 {
             let exited = cluster.exited()?;
-            anyhow::ensure!(exited.is_empty(), "seed {seed}: nodes exited: {exited:?}");
+            raftwasm_tests::ensure!(exited.is_empty(), "seed {seed}: nodes exited: {exited:?}");
         }
     }
     eprintln!(
@@ -501,14 +504,14 @@ async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Resu
         acknowledged.len()
     );
     // Guard against a run that tested nothing.
-    anyhow::ensure!(sent >= 200, "seed {seed}: only {sent} requests were sent");
-    anyhow::ensure!(
+    raftwasm_tests::ensure!(sent >= 200, "seed {seed}: only {sent} requests were sent");
+    raftwasm_tests::ensure!(
         !acknowledged.is_empty(),
         "seed {seed}: no write was acknowledged"
     );
 
     let exited = cluster.exited()?;
-    anyhow::ensure!(exited.is_empty(), "seed {seed}: nodes exited: {exited:?}");
+    raftwasm_tests::ensure!(exited.is_empty(), "seed {seed}: nodes exited: {exited:?}");
     cluster.wait_for_same_state().await?;
     cluster
         .wait_for("every acknowledged write on every node", || async {
@@ -516,7 +519,7 @@ async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Resu
                 for i in 0..cluster.nodes.len() {
                     let path = format!("/get?key={key}&consistency=stale");
                     let (code, body) = cluster.get(i, &path).await?;
-                    anyhow::ensure!(
+                    raftwasm_tests::ensure!(
                         code == 200 && body == *value,
                         "node {i} answers {code} {body:?} for {key}, acknowledged as {value:?}"
                     );
@@ -529,7 +532,7 @@ async fn random_requests_never_break_a_cluster_or_lose_a_write() -> anyhow::Resu
     for (i, node) in cluster.nodes.iter().enumerate() {
         let log = node.log_text();
         let panic = log.lines().find(|line| line.contains("panicked"));
-        anyhow::ensure!(panic.is_none(), "seed {seed}: node {i} logged {panic:?}");
+        raftwasm_tests::ensure!(panic.is_none(), "seed {seed}: node {i} logged {panic:?}");
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use serde_json::json;
 
 async fn join(
@@ -25,7 +26,7 @@ fn dead_address() -> anyhow::Result<String> {
 }
 
 #[tokio::test]
-async fn a_second_id_for_a_members_addresses_is_refused() -> anyhow::Result<()> {
+async fn a_second_id_for_a_members_addresses_is_refused() -> TestResult {
     let cluster = TestCluster::start(2, &[]).await?;
     let leader = cluster.leader().await?;
     let before = cluster.members(leader).await?;
@@ -49,7 +50,7 @@ async fn a_second_id_for_a_members_addresses_is_refused() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-async fn a_node_that_cannot_catch_up_does_not_become_a_voter() -> anyhow::Result<()> {
+async fn a_node_that_cannot_catch_up_does_not_become_a_voter() -> TestResult {
     let cluster = TestCluster::start(1, &["--join-timeout-ms=1500"]).await?;
     let before = cluster.members(0).await?;
     let request = json!({"id": 4243, "http": dead_address()?, "raft": dead_address()?});
@@ -65,7 +66,7 @@ async fn a_node_that_cannot_catch_up_does_not_become_a_voter() -> anyhow::Result
     cluster
         .wait_for("the learner to be removed", || async {
             let now = cluster.members(0).await?;
-            anyhow::ensure!(now == before, "members {now:?}");
+            raftwasm_tests::ensure!(now == before, "members {now:?}");
             Ok(())
         })
         .await?;

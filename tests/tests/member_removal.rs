@@ -3,6 +3,7 @@
 //! quorum counted over the two of them.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 /// Node `i`'s id.
 async fn id(cluster: &TestCluster, i: usize) -> anyhow::Result<u64> {
@@ -13,7 +14,7 @@ async fn id(cluster: &TestCluster, i: usize) -> anyhow::Result<u64> {
 }
 
 #[tokio::test]
-async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<()> {
+async fn removed_follower_leaves_a_working_two_node_cluster() -> TestResult {
     // A short write timeout, so that a write without a quorum fails fast.
     let mut cluster = TestCluster::start(3, &["--write-timeout-ms=1000"]).await?;
     let leader = cluster.leader().await?;
@@ -59,7 +60,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
                 .post(leader, &format!("/remove?id={removed_id}"), Vec::new())
                 .await?;
             let answer = (response.status().as_u16(), response.text().await?);
-            anyhow::ensure!(answer.0 != 503, "{answer:?}");
+            raftwasm_tests::ensure!(answer.0 != 503, "{answer:?}");
             Ok(answer)
         })
         .await?;
@@ -73,7 +74,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
                 seen.sort_unstable();
                 let mut expected = remaining.to_vec();
                 expected.sort_unstable();
-                anyhow::ensure!(seen == expected, "members {seen:?}");
+                raftwasm_tests::ensure!(seen == expected, "members {seen:?}");
                 Ok(())
             })
             .await?;
@@ -90,7 +91,7 @@ async fn removed_follower_leaves_a_working_two_node_cluster() -> anyhow::Result<
         cluster
             .wait_for(&format!("the write on node {i}"), || async {
                 let answer = cluster.get(i, "/get?key=after&consistency=stale").await?;
-                anyhow::ensure!(answer == (200, "removal".into()), "reads {answer:?}");
+                raftwasm_tests::ensure!(answer == (200, "removal".into()), "reads {answer:?}");
                 Ok(())
             })
             .await?;

@@ -6,6 +6,7 @@
 
 use prometheus_parse::{Scrape, Value};
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{ODD_NAME, ODD_NAME_GUEST, odd_name_guest_with_newline};
 
 /// Every metric name the node serves (histograms by their base name).
@@ -40,9 +41,9 @@ fn unescape(value: &str) -> anyhow::Result<String> {
                 Some('\\') => out.push('\\'),
                 Some('"') => out.push('"'),
                 Some('n') => out.push('\n'),
-                other => anyhow::bail!("bad escape \\{other:?} in {value:?}"),
+                other => raftwasm_tests::bail!("bad escape \\{other:?} in {value:?}"),
             },
-            '"' => anyhow::bail!("an unescaped quote in {value:?}"),
+            '"' => raftwasm_tests::bail!("an unescaped quote in {value:?}"),
             c => out.push(c),
         }
     }
@@ -50,7 +51,7 @@ fn unescape(value: &str) -> anyhow::Result<String> {
 }
 
 #[tokio::test]
-async fn metrics_parse_whole_with_a_hostile_guest_name() -> anyhow::Result<()> {
+async fn metrics_parse_whole_with_a_hostile_guest_name() -> TestResult {
     let cluster = TestCluster::start(1, &[]).await?;
     cluster.wait_for_guest(0).await?;
 

@@ -6,6 +6,7 @@
 //! pieces, so the follower installs it from a file assembled piece by piece.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 /// Keys written while the follower is down, each in its own log entry.
 const KEYS: usize = 200;
@@ -16,7 +17,7 @@ fn index(status: &serde_json::Value, field: &str) -> Option<u64> {
 }
 
 #[tokio::test]
-async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> {
+async fn follower_behind_purged_log_installs_a_snapshot() -> TestResult {
     let mut cluster = TestCluster::start(
         3,
         &[
@@ -41,7 +42,7 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
         let answer = cluster
             .get(leader, &format!("/set?key=key-{n}&value=value-{n}"))
             .await?;
-        anyhow::ensure!(answer == (200, "ok".into()), "set key-{n}: {answer:?}");
+        raftwasm_tests::ensure!(answer == (200, "ok".into()), "set key-{n}: {answer:?}");
     }
     cluster
         .wait_for(
@@ -49,7 +50,7 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
             || async {
                 let status = cluster.status(leader).await?;
                 let purged = index(&status, "purged");
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     purged.is_some_and(|p| p > last_index),
                     "the leader purged up to {purged:?}; the follower has up to {last_index}"
                 );
@@ -71,7 +72,7 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
                 let answer = cluster
                     .get(follower, &format!("/get?key=key-{n}&consistency=stale"))
                     .await?;
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     answer == (200, format!("value-{n}")),
                     "key-{n} reads {answer:?}"
                 );
@@ -120,5 +121,5 @@ async fn follower_behind_purged_log_installs_a_snapshot() -> anyhow::Result<()> 
             .await?;
         assert_eq!(answer, (200, format!("value-{n}")), "key-{n}");
     }
-    cluster.wait_for_same_state().await
+    Ok(cluster.wait_for_same_state().await?)
 }

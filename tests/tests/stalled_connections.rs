@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use raftwasm_tests::closed_within;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const FLAGS: [&str; 2] = ["--header-timeout-ms=500", "--idle-timeout-ms=500"];
 
 #[tokio::test]
-async fn half_sent_headers_and_stalled_bodies_are_closed_within_the_timeouts() -> anyhow::Result<()>
-{
+async fn half_sent_headers_and_stalled_bodies_are_closed_within_the_timeouts() -> TestResult {
     let cluster = TestCluster::start(1, &FLAGS).await?;
     let http = &cluster.nodes[0].http;
     let mut half_headers = Vec::new();
@@ -49,7 +49,7 @@ async fn half_sent_headers_and_stalled_bodies_are_closed_within_the_timeouts() -
 }
 
 #[tokio::test]
-async fn silent_peer_connections_are_closed_within_the_timeout() -> anyhow::Result<()> {
+async fn silent_peer_connections_are_closed_within_the_timeout() -> TestResult {
     let cluster = TestCluster::start(1, &FLAGS).await?;
     let mut silent = TcpStream::connect(&cluster.nodes[0].raft).await?;
     let mut half_frame = TcpStream::connect(&cluster.nodes[0].raft).await?;
@@ -60,7 +60,7 @@ async fn silent_peer_connections_are_closed_within_the_timeout() -> anyhow::Resu
 }
 
 #[tokio::test]
-async fn connections_beyond_the_cap_are_turned_away() -> anyhow::Result<()> {
+async fn connections_beyond_the_cap_are_turned_away() -> TestResult {
     let flags = ["--max-connections=4", "--max-peer-connections=2"];
     let cluster = TestCluster::start(1, &flags).await?;
     let mut held = Vec::new();
@@ -81,7 +81,7 @@ async fn connections_beyond_the_cap_are_turned_away() -> anyhow::Result<()> {
     drop(held);
     cluster
         .wait_for("the node to serve again", || async {
-            anyhow::ensure!(cluster.get(0, "/status").await?.0 == 200);
+            raftwasm_tests::ensure!(cluster.get(0, "/status").await?.0 == 200);
             Ok(())
         })
         .await?;

@@ -5,6 +5,7 @@
 
 use raftwasm_tests::certs::TestCa;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 /// Starts node 0 of `cluster` with `args` and `env`, and checks that it
 /// exits with an error whose message contains `expected`.
@@ -31,7 +32,7 @@ fn everywhere(addr: &str) -> String {
 }
 
 #[tokio::test]
-async fn an_empty_token_is_refused_at_startup() -> anyhow::Result<()> {
+async fn an_empty_token_is_refused_at_startup() -> TestResult {
     let mut cluster = TestCluster::new();
     cluster.add_node(&[]);
     let expected = "the cluster token is empty";
@@ -47,7 +48,7 @@ async fn an_empty_token_is_refused_at_startup() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_non_loopback_address_needs_a_token_or_insecure() -> anyhow::Result<()> {
+async fn a_non_loopback_address_needs_a_token_or_insecure() -> TestResult {
     let mut cluster = TestCluster::new();
     cluster.add_node(&[]);
     let loopback_http = cluster.nodes[0].http.clone();
@@ -83,7 +84,7 @@ async fn a_non_loopback_address_needs_a_token_or_insecure() -> anyhow::Result<()
 }
 
 #[tokio::test]
-async fn incomplete_or_unusable_tls_flags_are_refused_at_startup() -> anyhow::Result<()> {
+async fn incomplete_or_unusable_tls_flags_are_refused_at_startup() -> TestResult {
     let mut cluster = TestCluster::new();
     cluster.add_node(&[]);
     let dir = tempfile::tempdir()?;

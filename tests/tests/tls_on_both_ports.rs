@@ -9,12 +9,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use raftwasm_tests::certs::TestCa;
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{KV_NEXT_GUEST, closed_within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 #[tokio::test]
-async fn a_tls_cluster_joins_replicates_and_forwards_over_https() -> anyhow::Result<()> {
+async fn a_tls_cluster_joins_replicates_and_forwards_over_https() -> TestResult {
     // Two nodes join the first over HTTPS; Raft runs over mutual TLS.
     let cluster = TestCluster::new().with_tls()?.start_nodes(3, &[]).await?;
     let leader = cluster.leader().await?;
@@ -67,7 +68,7 @@ async fn a_tls_cluster_joins_replicates_and_forwards_over_https() -> anyhow::Res
         .wait_for("the new guest on every node", || async {
             for i in 0..3 {
                 let guest = cluster.status(i).await?["guest"]["hash"].clone();
-                anyhow::ensure!(guest == record["hash"], "node {i} runs {guest}");
+                raftwasm_tests::ensure!(guest == record["hash"], "node {i} runs {guest}");
             }
             Ok(())
         })
@@ -77,7 +78,7 @@ async fn a_tls_cluster_joins_replicates_and_forwards_over_https() -> anyhow::Res
 }
 
 #[tokio::test]
-async fn clear_text_and_untrusting_clients_get_nothing() -> anyhow::Result<()> {
+async fn clear_text_and_untrusting_clients_get_nothing() -> TestResult {
     let cluster = TestCluster::new().with_tls()?.start_nodes(1, &[]).await?;
     assert_eq!(
         cluster.get(0, "/set?key=k&value=secret").await?,
@@ -126,7 +127,7 @@ async fn clear_text_and_untrusting_clients_get_nothing() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn stalled_handshakes_are_dropped_and_count_against_the_cap() -> anyhow::Result<()> {
+async fn stalled_handshakes_are_dropped_and_count_against_the_cap() -> TestResult {
     let flags = ["--header-timeout-ms=2000", "--max-connections=2"];
     let cluster = TestCluster::new()
         .with_tls()?
@@ -160,7 +161,7 @@ async fn stalled_handshakes_are_dropped_and_count_against_the_cap() -> anyhow::R
     cluster
         .wait_for("the node to serve again", || async {
             let status = fresh.get(cluster.url(0, "/status")).send().await?.status();
-            anyhow::ensure!(status.as_u16() == 200, "answered {status}");
+            raftwasm_tests::ensure!(status.as_u16() == 200, "answered {status}");
             Ok(())
         })
         .await?;

@@ -3,9 +3,10 @@
 //! fail over, restart and rejoin.
 
 use raftwasm_tests::cluster::TestCluster;
+use raftwasm_tests::cluster::TestResult;
 
 #[tokio::test]
-async fn walkthrough_passes_step_by_step() -> anyhow::Result<()> {
+async fn walkthrough_passes_step_by_step() -> TestResult {
     // 1. Node 1 bootstraps and becomes leader, with writes enabled.
     let mut cluster = TestCluster::new();
     cluster.add_node(&[]);
@@ -94,7 +95,7 @@ async fn walkthrough_passes_step_by_step() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn follower_refusal_names_the_leader() -> anyhow::Result<()> {
+async fn follower_refusal_names_the_leader() -> TestResult {
     let cluster = TestCluster::start(2, &[]).await?;
     let leader = cluster.leader().await?;
     let follower = 1 - leader;
@@ -114,7 +115,7 @@ async fn follower_refusal_names_the_leader() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn forward_writes_flag_sends_follower_writes_to_the_leader() -> anyhow::Result<()> {
+async fn forward_writes_flag_sends_follower_writes_to_the_leader() -> TestResult {
     let cluster = TestCluster::start(2, &["--forward-writes"]).await?;
     let follower = 1 - cluster.leader().await?;
     assert_eq!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use raftwasm::watch::sse::{ChangeEvent, Parser};
 use raftwasm_tests::KV_NEXT_GUEST;
+use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::cluster::{TestCluster, binary};
 
 /// One change as a watcher saw it: index, key, value (`None`: deleted).
@@ -35,7 +36,7 @@ impl Watcher {
     ) -> anyhow::Result<Self> {
         let url = cluster.url(i, &format!("/watch?prefix={prefix}&from={from}"));
         let mut response = reqwest::Client::new().get(&url).send().await?;
-        anyhow::ensure!(response.status() == 200, "{url}: {}", response.status());
+        raftwasm_tests::ensure!(response.status() == 200, "{url}: {}", response.status());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let ended = Arc::new(Mutex::new(None));
         let (seen_, ended_) = (seen.clone(), ended.clone());
@@ -94,7 +95,7 @@ impl Watcher {
         cluster
             .wait_for(&format!("a watcher to see {key} = {value:?}"), || async {
                 let seen = self.seen();
-                anyhow::ensure!(
+                raftwasm_tests::ensure!(
                     seen.iter()
                         .any(|(_, k, v)| k == key && v.as_deref() == value),
                     "seen {} changes, ended: {:?}",
@@ -121,7 +122,7 @@ async fn set(cluster: &TestCluster, key: &str, value: &str) -> anyhow::Result<()
             let (status, body) = cluster
                 .get(leader, &format!("/set?key={key}&value={value}"))
                 .await?;
-            anyhow::ensure!(status == 200, "{status}: {body}");
+            raftwasm_tests::ensure!(status == 200, "{status}: {body}");
             Ok(())
         })
         .await
@@ -180,7 +181,7 @@ async fn watchers_on_every_node_see_the_same_changes_through_a_leader_kill_and_a
     cluster
         .wait_for("the new guest on the leader", || async {
             let status = cluster.status(cluster.leader().await?).await?;
-            anyhow::ensure!(
+            raftwasm_tests::ensure!(
                 status["guest"]["hash"] == hash.as_str(),
                 "{}",
                 status["guest"]
@@ -232,8 +233,7 @@ async fn watchers_on_every_node_see_the_same_changes_through_a_leader_kill_and_a
 }
 
 #[tokio::test]
-async fn ttl_expiry_is_a_delete_of_the_user_key_and_internal_keys_never_show() -> anyhow::Result<()>
-{
+async fn ttl_expiry_is_a_delete_of_the_user_key_and_internal_keys_never_show() -> TestResult {
     let cluster = TestCluster::start(3, &[]).await?;
     let leader = cluster.leader().await?;
     let watcher = Watcher::start(&cluster, (leader + 1) % 3, "", 1, 0).await?;
@@ -246,8 +246,8 @@ async fn ttl_expiry_is_a_delete_of_the_user_key_and_internal_keys_never_show() -
     cluster
         .wait_for("the expired key to be swept", || async {
             let (status, _) = cluster.get(leader, "/set?key=tick&value=1").await?;
-            anyhow::ensure!(status == 200, "set answered {status}");
-            anyhow::ensure!(
+            raftwasm_tests::ensure!(status == 200, "set answered {status}");
+            raftwasm_tests::ensure!(
                 watcher
                     .seen()
                     .iter()
@@ -264,7 +264,7 @@ async fn ttl_expiry_is_a_delete_of_the_user_key_and_internal_keys_never_show() -
 }
 
 #[tokio::test]
-async fn from_older_than_the_window_is_gone_with_the_oldest_index() -> anyhow::Result<()> {
+async fn from_older_than_the_window_is_gone_with_the_oldest_index() -> TestResult {
     let cluster = TestCluster::start(1, &["--watch-window-entries=3"]).await?;
     for n in 0..10 {
         set(&cluster, &format!("g/{n}"), "x").await?;
@@ -317,7 +317,7 @@ async fn from_older_than_the_window_is_gone_with_the_oldest_index() -> anyhow::R
 }
 
 #[tokio::test]
-async fn a_slow_watcher_is_dropped_while_writes_go_on() -> anyhow::Result<()> {
+async fn a_slow_watcher_is_dropped_while_writes_go_on() -> TestResult {
     let cluster =
         TestCluster::start(1, &["--watch-queue-entries=4", "--idle-timeout-ms=300000"]).await?;
     // A watcher that sends its request and then reads nothing.
@@ -349,7 +349,7 @@ async fn a_slow_watcher_is_dropped_while_writes_go_on() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn kv_watch_prints_each_change_and_exits_3_without_a_member() -> anyhow::Result<()> {
+async fn kv_watch_prints_each_change_and_exits_3_without_a_member() -> TestResult {
     let cluster = TestCluster::start(1, &[]).await?;
     let mut child = std::process::Command::new(binary())
         .args(["kv", "watch", "p/", "--from=1"])
@@ -376,7 +376,7 @@ async fn kv_watch_prints_each_change_and_exits_3_without_a_member() -> anyhow::R
     let printed = cluster
         .wait_for("two lines from kv watch", || async {
             let lines = lines.lock().expect("not poisoned").clone();
-            anyhow::ensure!(lines.len() >= 2, "{lines:?}");
+            raftwasm_tests::ensure!(lines.len() >= 2, "{lines:?}");
             Ok(lines)
         })
         .await;
