@@ -627,14 +627,10 @@ impl Client {
     /// [`ClientError`] when the write is refused or its outcome is unknown.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
         let path = format!("/delete?key={}", encode(key));
-        match ok(self
-            .leader_call(Method::POST, &path, Payload::Empty)
-            .await?)
-        {
-            Ok(_) => Ok(true),
-            Err(ClientError::NotFound) => Ok(false),
-            Err(error) => Err(error),
-        }
+        existed(
+            self.leader_call(Method::POST, &path, Payload::Empty)
+                .await?,
+        )
     }
 
     /// Stores `value` only if the current value is `expected` (or, without
@@ -680,14 +676,10 @@ impl Client {
     /// [`ClientError`] when the leader refuses the change.
     pub async fn remove(&self, id: NodeId) -> Result<bool, ClientError> {
         let path = format!("/remove?id={id}");
-        match ok(self
-            .leader_call(Method::POST, &path, Payload::Empty)
-            .await?)
-        {
-            Ok(_) => Ok(true),
-            Err(ClientError::NotFound) => Ok(false),
-            Err(error) => Err(error),
-        }
+        existed(
+            self.leader_call(Method::POST, &path, Payload::Empty)
+                .await?,
+        )
     }
 
     /// Uploads a guest module; every node switches to it at the index of
@@ -754,6 +746,16 @@ fn ok(answer: Answer) -> Result<Vec<u8>, ClientError> {
         Ok(body)
     } else {
         Err(refusal(url, status, &body))
+    }
+}
+
+/// Whether what a delete or remove named existed: `true` on success,
+/// `false` on 404, the refusal otherwise.
+fn existed(answer: Answer) -> Result<bool, ClientError> {
+    match ok(answer) {
+        Ok(_) => Ok(true),
+        Err(ClientError::NotFound) => Ok(false),
+        Err(error) => Err(error),
     }
 }
 

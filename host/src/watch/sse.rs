@@ -215,6 +215,18 @@ impl Parser {
 mod tests {
     use super::*;
 
+    /// The change event on the third line (`data: ...`) of one change's
+    /// text.
+    fn data_event(text: &str) -> ChangeEvent<'_> {
+        let data = text
+            .lines()
+            .nth(2)
+            .expect("a third line")
+            .strip_prefix("data: ")
+            .expect("a data line");
+        serde_json::from_str(data).expect("parses")
+    }
+
     fn change(key: &[u8], value: Option<&[u8]>) -> Change {
         Change {
             key: key.to_vec(),
@@ -240,13 +252,7 @@ mod tests {
         let chunk = entry(1, &changes).expect("some changes");
         let text = std::str::from_utf8(&chunk).expect("text");
         assert_eq!(text.trim_end().lines().count(), 3, "{text}");
-        let data = text
-            .lines()
-            .nth(2)
-            .expect("a third line")
-            .strip_prefix("data: ")
-            .expect("a data line");
-        let event: ChangeEvent<'_> = serde_json::from_str(data).expect("parses");
+        let event = data_event(text);
         assert_eq!(
             event.value_bytes().expect("decodes").expect("a value"),
             b"line1\nline2 \"q\""
@@ -262,13 +268,7 @@ mod tests {
             text.contains(r#""key":"a2V5","value":"/wA=","base64":true"#),
             "{text}"
         );
-        let data = text
-            .lines()
-            .nth(2)
-            .expect("a third line")
-            .strip_prefix("data: ")
-            .expect("a data line");
-        let event: ChangeEvent<'_> = serde_json::from_str(data).expect("parses");
+        let event = data_event(text);
         assert_eq!(event.key_bytes().expect("decodes"), b"key");
         assert_eq!(
             event.value_bytes().expect("decodes").expect("a value"),
