@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::raft::log_file::LogSync;
+
 /// raftwasm: a Raft-replicated state machine whose logic is a WebAssembly
 /// guest. Without a subcommand, runs a node.
 #[derive(Debug, Parser)]
@@ -125,6 +127,12 @@ pub struct NodeConfig {
     /// reported unknown, milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub write_timeout_ms: u64,
+    /// How an append to the Raft log is made durable: `range` writes the
+    /// appended bytes to the disk (`sync_file_range`; survives a process or
+    /// OS crash), `fdatasync` also flushes the disk's write cache (survives a
+    /// power loss on a disk with a volatile cache; slower).
+    #[arg(long, value_enum, default_value_t = LogSync::Range)]
+    pub log_sync: LogSync,
     /// Worker threads of the node's async runtime (default: one per CPU).
     /// Several nodes sharing a few cores run faster with 1 or 2 each.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]

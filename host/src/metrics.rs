@@ -57,7 +57,15 @@ impl LatencyHistogram {
     pub fn disk_flushes() -> Self {
         Self::new(
             "raftwasm_disk_flush_duration_seconds",
-            "Synced writes of the node's database (one per appended batch of log entries, plus votes, truncations, purges and snapshots), and how long each took.",
+            "Flushes of the node's sled database (the state, in the background and at snapshots; votes and purges), and how long each took.",
+        )
+    }
+
+    /// Syncs of the Raft log file: one per appended batch of entries.
+    pub fn log_syncs() -> Self {
+        Self::new(
+            "raftwasm_log_sync_duration_seconds",
+            "Syncs of the Raft log file (one per appended batch of log entries), and how long each took.",
         )
     }
 
@@ -173,9 +181,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The node's metrics, including the state machine's `apply` stats and
-    /// the database's `flushes`, which their owners update.
-    pub fn new(apply: &ApplyStats, flushes: &LatencyHistogram) -> Self {
+    /// The node's metrics, including the state machine's `apply` stats, the
+    /// database's `flushes` and the log file's `syncs`, which their owners
+    /// update.
+    pub fn new(apply: &ApplyStats, flushes: &LatencyHistogram, syncs: &LatencyHistogram) -> Self {
         let guest_info = IntGaugeVec::new(
             Opts::new("raftwasm_guest_info", "The active guest."),
             &["name", "version", "hash"],
@@ -227,6 +236,7 @@ impl Metrics {
             Box::new(apply.nanos.clone()),
             Box::new(apply.latency.0.clone()),
             Box::new(flushes.0.clone()),
+            Box::new(syncs.0.clone()),
             Box::new(metrics.guest_active_since_index.clone()),
             Box::new(metrics.is_leader.clone()),
             Box::new(metrics.term.clone()),
@@ -348,9 +358,12 @@ mod tests {
     fn every_metric_is_rendered_with_escaped_guest_labels() {
         let apply = ApplyStats::default();
         let flushes = LatencyHistogram::disk_flushes();
-        let metrics = Metrics::new(&apply, &flushes);
+        let syncs = LatencyHistogram::log_syncs();
+        let metrics = Metrics::new(&apply, &flushes, &syncs);
         apply.record(2, 5, Duration::from_micros(300));
         flushes.observe(Duration::from_millis(2));
+        syncs.observe(Duration::from_micros(70));
+        syncs.observe(Duration::from_micros(80));
         metrics.batch_proposed(3);
         metrics.write_succeeded();
         let name = "a\"b \\ c\nd";
@@ -377,6 +390,7 @@ mod tests {
             "raftwasm_apply_nanoseconds_total 300000",
             "raftwasm_apply_duration_seconds_count 1",
             "raftwasm_disk_flush_duration_seconds_count 1",
+            "raftwasm_log_sync_duration_seconds_count 2",
             "raftwasm_batch_ops_count 1",
             "raftwasm_batch_ops_sum 3",
             "raftwasm_guest_active_since_index 7",

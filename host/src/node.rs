@@ -77,7 +77,7 @@ pub async fn run(
         .with_context(|| format!("cannot create the data directory {}", config.node.display()))?;
     let disk = Disk::open(&config.node.join("db"))
         .with_context(|| format!("cannot open the database in {}", config.node.display()))?;
-    let log_store = LogStore::open(&disk)?;
+    let log_store = LogStore::open(&disk, &config.node.join("log"), config.log_sync)?;
     let id = match log_store.node_id()? {
         Some(id) => id,
         None => {
@@ -146,7 +146,11 @@ pub async fn run(
         tasks.cancelled().cancelled_owned(),
     ));
 
-    let metrics = Arc::new(Metrics::new(state.apply_stats(), disk.flushes()));
+    let metrics = Arc::new(Metrics::new(
+        state.apply_stats(),
+        disk.flushes(),
+        log_store.file().syncs(),
+    ));
     let app = Arc::new(Node {
         id,
         addrs: addrs.clone(),
@@ -170,6 +174,7 @@ pub async fn run(
     });
     tracing::info!(id, http = %addrs.api_addr, raft = %addrs.raft_addr, tls = tls.is_some(), dir = %config.node.display(), "node started");
     tasks.spawn(watch_role(app.clone()));
+    tasks.spawn(flush_state(disk.clone()));
 
     let restored = config.node.join(crate::backup::restore::MARKER).exists();
     let initialized = raft.is_initialized().await?;
@@ -251,6 +256,27 @@ fn random_id() -> NodeId {
 
 /// Logs role changes the way the walkthrough shows them, and counts leader
 /// changes.
+/// How often the state is flushed in the background. Applying never syncs:
+/// the log holds every entry applied since the last flush, so this bounds
+/// only how much a restart applies again.
+const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Flushes the database (the state and `save_committed`'s record) every
+/// [`STATE_FLUSH_INTERVAL`], off the async threads.
+async fn flush_state(disk: Disk) {
+    let mut every = tokio::time::interval(STATE_FLUSH_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let disk = disk.clone();
+        match tokio::task::spawn_blocking(move || disk.flush_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "cannot flush the state; trying again"),
+            Err(error) => tracing::error!(%error, "the state flush failed; trying again"),
+        }
+    }
+}
+
 async fn watch_role(app: Arc<Node>) {
     let mut metrics = app.raft.metrics();
     let mut last = (ServerState::Learner, None);

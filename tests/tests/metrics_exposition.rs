@@ -10,7 +10,7 @@ use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{ODD_NAME, ODD_NAME_GUEST, odd_name_guest_with_newline};
 
 /// Every metric name the node serves (histograms by their base name).
-const METRICS: [&str; 17] = [
+const METRICS: [&str; 18] = [
     "raftwasm_writes_total",
     "raftwasm_write_errors_total",
     "raftwasm_reads_total",
@@ -21,6 +21,7 @@ const METRICS: [&str; 17] = [
     "raftwasm_apply_nanoseconds_total",
     "raftwasm_apply_duration_seconds",
     "raftwasm_disk_flush_duration_seconds",
+    "raftwasm_log_sync_duration_seconds",
     "raftwasm_guest_active_since_index",
     "raftwasm_is_leader",
     "raftwasm_term",
@@ -83,6 +84,7 @@ async fn metrics_parse_whole_with_a_hostile_guest_name() -> TestResult {
         "raftwasm_batch_ops",
         "raftwasm_apply_duration_seconds",
         "raftwasm_disk_flush_duration_seconds",
+        "raftwasm_log_sync_duration_seconds",
     ];
     let lines = text
         .lines()

@@ -1,6 +1,7 @@
-//! `Disk`: the node's one sled database and the only place that makes it
-//! durable. The log store flushes it once per appended batch of entries;
-//! nothing else on the write path syncs.
+//! `Disk`: the node's sled database — the state and the small Raft records
+//! (vote, committed, purge point) — and the only place that makes it
+//! durable. Nothing on the write path flushes it: the node flushes it in
+//! the background every second, and for a vote, a purge or a snapshot.
 //!
 //! sled writes items over about 128 KiB to files of their own under
 //! `blobs/` and never syncs them; `flush` syncs the new ones first, so a
@@ -117,20 +118,29 @@ impl Disk {
     /// # Errors
     /// When a sync fails; the caller must not acknowledge anything then.
     pub async fn flush(&self) -> std::io::Result<()> {
-        let started = Instant::now();
-        if self.inner.large_written.swap(false, Ordering::AcqRel) {
-            let inner = self.inner.clone();
-            let synced = tokio::task::spawn_blocking(move || inner.sync_new_blobs())
+        if self.inner.large_written.load(Ordering::Acquire) {
+            let disk = self.clone();
+            return tokio::task::spawn_blocking(move || disk.flush_blocking())
                 .await
                 .map_err(std::io::Error::other)?;
-            if let Err(e) = synced {
-                self.inner.large_written.store(true, Ordering::Release);
-                return Err(e);
-            }
         }
         // Called directly rather than through `flush_async`, which hands the
-        // call to sled's thread pool: one thread hop less per write. The
-        // caller (openraft's core task) waits for it anyway.
+        // call to sled's thread pool: one thread hop less.
+        self.flush_blocking()
+    }
+
+    /// [`Disk::flush`] on the calling thread, blob files included.
+    ///
+    /// # Errors
+    /// When a sync fails.
+    pub fn flush_blocking(&self) -> std::io::Result<()> {
+        let started = Instant::now();
+        if self.inner.large_written.swap(false, Ordering::AcqRel)
+            && let Err(e) = self.inner.sync_new_blobs()
+        {
+            self.inner.large_written.store(true, Ordering::Release);
+            return Err(e);
+        }
         self.db.flush().map_err(std::io::Error::other)?;
         self.inner.flushes.observe(started.elapsed());
         Ok(())

@@ -1,19 +1,18 @@
-//! `LogStore`: the Raft log, the vote, the committed log id and the node id,
-//! kept in two trees of the node's one sled database so that a single flush
-//! also covers the state machine's trees.
+//! `LogStore`: openraft's log storage. The entries are in a [`LogFile`];
+//! the vote, the committed log id, the purge point and the node id are
+//! small records in the node's sled database.
 //!
-//! Writes are plain sled inserts and removes, never `apply_batch`: a batch
-//! costs two extra synced writes and takes sled's process-wide write lock.
-//! sled recovers a prefix of the writes made before a crash, which is all the
-//! log needs: an append is acknowledged only after its flush, and removals
-//! run from the end that keeps the log contiguous.
+//! An append costs one `pwrite` and one sync of the log file and nothing
+//! else; sled is synced only for a vote, a purge and the node id, and in the
+//! background for the state (see [`Disk`]).
 #![allow(
     clippy::result_large_err,
     reason = "openraft's StorageError is the error type its storage traits require"
 )]
 
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
+use std::path::Path;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -22,11 +21,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::disk::{Disk, read_meta};
+use super::log_file::{LogFile, LogFileError, LogSync};
 use super::{NodeId, TypeConfig, typ};
 
-/// Tree holding the log: key is the entry's index as `u64` big-endian (so
-/// sled's byte order is index order), value is the rmp-serde `Entry`.
-const LOG_TREE: &str = "raft_log";
+/// The sled tree that held the log's entries before they moved to the log
+/// file; a data directory that still has one is moved over on open.
+const OLD_LOG_TREE: &str = "raft_log";
 /// Tree holding the small pieces of Raft state, each rmp-serde encoded.
 const META_TREE: &str = "raft_meta";
 
@@ -39,36 +39,37 @@ const KEY_NODE_ID: &[u8] = b"node_id";
 /// (logs, vote, store) and the verb of a failed operation.
 type ToIoError = fn(AnyError) -> StorageIOError<NodeId>;
 
-/// openraft's log storage on sled.
+/// openraft's log storage.
 ///
 /// Guarantees openraft relies on:
-/// - `append` and `save_vote` report success only after [`Disk::flush`] of
-///   the whole database, so an acknowledged entry or vote survives a crash.
-///   That flush is the only synced write of an append.
-/// - The log has no holes: `purge` records `last_purged` (and flushes it)
-///   before it deletes entries front to back, and `open` finishes a purge
-///   that a crash interrupted; `truncate` removes a suffix back to front.
-/// - `save_committed` does not sync: the next append covers it.
+/// - `append` reports success only once the entries are synced in the log
+///   file, and `save_vote` only after a flush of sled: an acknowledged entry
+///   or vote survives a crash.
+/// - The log has no holes: `purge` records `last_purged` durably before it
+///   forgets entries, and `truncate` is durable before it returns (see
+///   [`LogFile`] for how a crash part way is finished on open).
+/// - `save_committed` does not sync: openraft tolerates an older value after
+///   a crash (it only bounds what is re-applied at startup).
 /// - `get_log_state` reports `last_log_id = last_purged` when the log holds
 ///   no entry after the purge point.
 ///
-/// Any sled or decoding failure is returned as a [`typ::StorageError`],
+/// Any I/O or decoding failure is returned as a [`typ::StorageError`],
 /// which stops the Raft node: it never turns into an acknowledgement.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     disk: Disk,
-    log: sled::Tree,
+    file: LogFile,
     meta: sled::Tree,
-    /// Counts appends whose flush has completed, so the batcher can propose
+    /// Counts appends whose sync has completed, so the batcher can propose
     /// the next entry as soon as the previous one is durable here.
     appends_flushed: Arc<watch::Sender<u64>>,
 }
 
 /// A read-only view of the log for openraft's replication tasks; cloning it
-/// is cheap (it shares the sled tree with the [`LogStore`]).
+/// is cheap (it shares the [`LogFile`] with the [`LogStore`]).
 #[derive(Debug, Clone)]
 pub struct LogReader {
-    log: sled::Tree,
+    file: LogFile,
 }
 
 impl LogStore {
@@ -80,42 +81,39 @@ impl LogStore {
         committed.flatten().map(|log_id| log_id.index)
     }
 
-    /// A receiver of the number of appends flushed so far by this store.
+    /// A receiver of the number of appends synced so far by this store.
     pub fn appends_flushed(&self) -> watch::Receiver<u64> {
         self.appends_flushed.subscribe()
     }
 
-    /// The node's database (its flush histogram is in `/metrics`).
-    pub fn disk(&self) -> &Disk {
-        &self.disk
+    /// The log file (its sync histogram is in `/metrics`).
+    pub fn file(&self) -> &LogFile {
+        &self.file
     }
 
-    /// Opens (or creates) the log trees in `disk`.
-    ///
-    /// The state machine keeps its own trees in the same `db`, so one flush
-    /// makes both durable. If a crash interrupted a purge, the entries it
-    /// meant to delete are removed here.
+    /// Opens (or creates) the log: its entries in `dir`, its small records
+    /// in `disk`. A log that an older version kept in sled is moved to `dir`
+    /// first.
     ///
     /// # Errors
     ///
-    /// A storage error when sled cannot open the trees or the stored
-    /// `last_purged` cannot be read.
-    pub fn open(disk: &Disk) -> Result<Self, typ::StorageError> {
-        let open_tree = |name: &str| {
-            disk.db()
-                .open_tree(name)
-                .map_err(|e| StorageIOError::<NodeId>::read(&e))
-        };
-        let store = Self {
+    /// A storage error when sled or the log file cannot be opened or read.
+    pub fn open(disk: &Disk, dir: &Path, sync: LogSync) -> Result<Self, typ::StorageError> {
+        let meta = disk
+            .db()
+            .open_tree(META_TREE)
+            .map_err(|e| StorageIOError::<NodeId>::read(&e))?;
+        let purged: Option<typ::LogId> =
+            read_meta(&meta, KEY_LAST_PURGED, StorageIOError::read_logs)?;
+        let purged = purged.map(|id| id.index);
+        move_old_log(disk, dir, purged, sync).map_err(|e| StorageIOError::read_logs(&e))?;
+        let file = LogFile::open(dir, purged, sync).map_err(|e| StorageIOError::read_logs(&e))?;
+        Ok(Self {
             disk: disk.clone(),
-            log: open_tree(LOG_TREE)?,
-            meta: open_tree(META_TREE)?,
+            file,
+            meta,
             appends_flushed: Arc::new(watch::Sender::new(0)),
-        };
-        if let Some(purged) = store.last_purged()? {
-            delete_prefix(&store.log, purged.index, StorageIOError::write_logs)?;
-        }
-        Ok(store)
+        })
     }
 
     /// The node id persisted by [`LogStore::save_node_id`], or `None` on a
@@ -143,8 +141,8 @@ impl LogStore {
         read_meta(&self.meta, KEY_LAST_PURGED, StorageIOError::read_logs)
     }
 
-    /// Flushes the whole database (every tree), mapping a failure with
-    /// `to_err` so it names what was being made durable.
+    /// Flushes sled (every tree), mapping a failure with `to_err` so it
+    /// names what was being made durable.
     async fn flush(&self, to_err: ToIoError) -> Result<(), typ::StorageError> {
         self.disk
             .flush()
@@ -159,7 +157,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<typ::Entry>, typ::StorageError> {
-        read_entries(&self.log, range)
+        read_entries(&self.file, range)
     }
 }
 
@@ -168,7 +166,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<typ::Entry>, typ::StorageError> {
-        read_entries(&self.log, range)
+        read_entries(&self.file, range)
     }
 }
 
@@ -177,12 +175,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, typ::StorageError> {
         let last_purged_log_id = self.last_purged()?;
-        let last_entry = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((key, value)) => Some(decode_entry(&key, &value)?.log_id),
+        let last_entry = match self.file.last_index() {
+            Some(index) => read_entries(&self.file, index..=index)?
+                .pop()
+                .map(|entry| entry.log_id),
             None => None,
         };
-        // Entries at or below the purge point are never reported, even if a
-        // crash left some behind.
+        // Entries at or below the purge point are never reported.
         let last_log_id = match (last_entry, last_purged_log_id) {
             (Some(entry), Some(purged)) if entry.index <= purged.index => Some(purged),
             (Some(entry), _) => Some(entry),
@@ -196,7 +195,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
         LogReader {
-            log: self.log.clone(),
+            file: self.file.clone(),
         }
     }
 
@@ -209,9 +208,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         read_meta(&self.meta, KEY_VOTE, StorageIOError::read_vote)
     }
 
-    /// Records the committed log id. It is not flushed on its own: the next
-    /// append or vote flush covers it, and openraft tolerates an older value
-    /// after a crash (it only bounds what is re-applied at startup).
+    /// Records the committed log id. It is not flushed on its own: sled's
+    /// next flush covers it, and openraft tolerates an older value after a
+    /// crash (it only bounds what is re-applied at startup).
     async fn save_committed(
         &mut self,
         committed: Option<typ::LogId>,
@@ -239,17 +238,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = typ::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // In index order, so a crash keeps a contiguous prefix of them.
-        for entry in entries {
-            let value = rmp_serde::to_vec(&entry)
-                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-            self.disk.note_write(value.len());
-            self.log
-                .insert(index_key(entry.log_id.index), value)
-                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
-        }
-
-        match self.disk.flush().await {
+        // Written and synced on this thread: openraft's core waits for the
+        // callback anyway, and a hand-off to another thread costs more than
+        // the sync itself.
+        match self.file.append(entries) {
             Ok(()) => {
                 self.appends_flushed.send_modify(|n| *n += 1);
                 callback.log_io_completed(Ok(()));
@@ -257,23 +249,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             Err(e) => {
                 let error = StorageIOError::write_logs(&e);
-                callback.log_io_completed(Err(e));
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
                 Err(error.into())
             }
         }
     }
 
     async fn truncate(&mut self, log_id: typ::LogId) -> Result<(), typ::StorageError> {
-        delete_suffix(&self.log, log_id.index, StorageIOError::write_logs)?;
-        // A truncated suffix must not come back after a crash, or the log
-        // could mix entries of two leaders.
-        self.flush(StorageIOError::write_logs).await
+        // Durable before it returns: a truncated suffix must not come back
+        // after a crash, or the log could mix entries of two leaders.
+        self.file
+            .truncate(log_id.index)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: typ::LogId) -> Result<(), typ::StorageError> {
-        // Record the purge point durably first: if the deletion below is
-        // cut short, `open` completes it, and the log never starts with a
-        // hole that `last_purged` does not explain.
+        // Record the purge point durably first: `LogFile::open` drops what
+        // a deletion cut short left behind. The same flush makes the state
+        // durable up to at least `log_id` (it is applied before a purge), so
+        // the entries it forgets are never needed to rebuild the state.
         write_meta(
             &self.meta,
             KEY_LAST_PURGED,
@@ -281,95 +275,59 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             StorageIOError::write_logs,
         )?;
         self.flush(StorageIOError::write_logs).await?;
-        delete_prefix(&self.log, log_id.index, StorageIOError::write_logs)
+        self.file
+            .purge(log_id.index)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
-}
-
-/// The sled key of the entry at `index`.
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
-/// Converts a range of indexes into a half-open `[start, end)` pair of
-/// sled keys; `None` for `end` means "to the end of the log". Returns
-/// `None` when the range is empty.
-fn key_range(range: &impl RangeBounds<u64>) -> Option<([u8; 8], Option<[u8; 8]>)> {
-    let start = match range.start_bound() {
-        Bound::Included(&s) => s,
-        Bound::Excluded(&s) => s.checked_add(1)?,
-        Bound::Unbounded => 0,
-    };
-    let end = match range.end_bound() {
-        Bound::Included(&e) => e.checked_add(1),
-        Bound::Excluded(&e) => Some(e),
-        Bound::Unbounded => None,
-    };
-    match end {
-        Some(end) if end <= start => None,
-        end => Some((index_key(start), end.map(index_key))),
-    }
-}
-
-/// Iterates the sled entries whose index lies in `range`.
-fn scan(tree: &sled::Tree, range: &impl RangeBounds<u64>) -> Option<sled::Iter> {
-    let (start, end) = key_range(range)?;
-    Some(match end {
-        Some(end) => tree.range(start..end),
-        None => tree.range(start..),
-    })
 }
 
 fn read_entries(
-    tree: &sled::Tree,
+    file: &LogFile,
     range: impl RangeBounds<u64>,
 ) -> Result<Vec<typ::Entry>, typ::StorageError> {
-    let Some(iter) = scan(tree, &range) else {
-        return Ok(Vec::new());
-    };
-    let mut entries = Vec::new();
-    for item in iter {
-        let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-        entries.push(decode_entry(&key, &value)?);
-    }
-    Ok(entries)
+    file.read_range(range)
+        .map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<typ::Entry, typ::StorageError> {
-    let index = key
-        .try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|e| StorageIOError::read_logs(&e))?;
-    rmp_serde::from_slice(value).map_err(|e| StorageIOError::read_log_at_index(index, &e).into())
-}
-
-/// Deletes the entries up to and including `last`, oldest first, so that a
-/// crash part way leaves a log that still starts after a hole `last_purged`
-/// explains.
-fn delete_prefix(tree: &sled::Tree, last: u64, to_err: ToIoError) -> Result<(), typ::StorageError> {
-    let Some(iter) = scan(tree, &(..=last)) else {
+/// Moves the entries of a log kept in sled (by an older version) to the log
+/// file in `dir`, then drops the sled tree. Starts over if a crash cut a
+/// move short: the file is only trusted once the tree is gone.
+fn move_old_log(
+    disk: &Disk,
+    dir: &Path,
+    purged: Option<u64>,
+    sync: LogSync,
+) -> Result<(), LogFileError> {
+    let db = disk.db();
+    let names = db.tree_names();
+    if !names
+        .iter()
+        .any(|name| name.as_ref() == OLD_LOG_TREE.as_bytes())
+    {
         return Ok(());
-    };
-    for key in iter.keys() {
-        let key = key.map_err(|e| to_err(AnyError::new(&e)))?;
-        tree.remove(key).map_err(|e| to_err(AnyError::new(&e)))?;
     }
-    Ok(())
-}
-
-/// Deletes the entries from `first` on, newest first, so that a crash part
-/// way leaves a contiguous log.
-fn delete_suffix(
-    tree: &sled::Tree,
-    first: u64,
-    to_err: ToIoError,
-) -> Result<(), typ::StorageError> {
-    let Some(iter) = scan(tree, &(first..)) else {
+    let tree = db.open_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
+    if tree.is_empty() {
+        drop(tree);
+        db.drop_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
         return Ok(());
-    };
-    for key in iter.keys().rev() {
-        let key = key.map_err(|e| to_err(AnyError::new(&e)))?;
-        tree.remove(key).map_err(|e| to_err(AnyError::new(&e)))?;
     }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let file = LogFile::open(dir, purged, sync)?;
+    for item in tree.iter() {
+        let (_, value) = item.map_err(std::io::Error::other)?;
+        let entry: typ::Entry = rmp_serde::from_slice(&value)
+            .map_err(|e| LogFileError::Damaged(format!("an entry of the old log: {e}")))?;
+        if purged.is_some_and(|p| entry.log_id.index <= p) {
+            continue;
+        }
+        file.append([entry])?;
+    }
+    drop(tree);
+    db.drop_tree(OLD_LOG_TREE).map_err(std::io::Error::other)?;
+    db.flush().map_err(std::io::Error::other)?;
     Ok(())
 }
 
@@ -409,8 +367,8 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> anyhow::Result<(sled::Db, LogStore)> {
-        let disk = Disk::reopen(dir.path())?;
-        let store = LogStore::open(&disk)?;
+        let disk = Disk::reopen(&dir.path().join("db"))?;
+        let store = LogStore::open(&disk, &dir.path().join("log"), LogSync::Range)?;
         Ok((disk.db().clone(), store))
     }
 
@@ -570,7 +528,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         {
             let (db, _store) = ten_entries(&dir).await?;
-            // The purge point was recorded but the entries not yet deleted.
+            // The purge point was recorded but the entries not yet forgotten.
             let meta = db.open_tree(META_TREE)?;
             meta.insert(KEY_LAST_PURGED, rmp_serde::to_vec(&log_id(1, 6))?)?;
             db.flush_async().await?;
@@ -591,7 +549,6 @@ mod tests {
             log_id: log_id(1, 1),
             payload: EntryPayload::Normal(Request {
                 time_ms: 1,
-                // Past sled's blob threshold: stored in a file of its own.
                 ops: vec![Op::Apply(vec![0x5a; 300 << 10])],
             }),
         };
@@ -609,16 +566,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn corrupt_entry_is_a_storage_error_not_a_panic() -> anyhow::Result<()> {
+    async fn corrupt_meta_is_a_storage_error_not_a_panic() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let (db, mut store) = ten_entries(&dir).await?;
-        db.open_tree(LOG_TREE)?
-            .insert(index_key(11), &[0xc1u8, 0x00][..])?;
-        assert!(store.try_get_log_entries(..).await.is_err());
-        assert!(store.get_log_state().await.is_err());
+        let (db, store) = ten_entries(&dir).await?;
         db.open_tree(META_TREE)?
             .insert(KEY_NODE_ID, &[0xc1u8][..])?;
         assert!(store.node_id().is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_log_kept_in_sled_moves_to_the_log_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let disk = Disk::reopen(&dir.path().join("db"))?;
+            let old = disk.db().open_tree(OLD_LOG_TREE)?;
+            for i in 1..=10u64 {
+                old.insert(i.to_be_bytes(), rmp_serde::to_vec(&entry(1, i))?)?;
+            }
+            let meta = disk.db().open_tree(META_TREE)?;
+            meta.insert(KEY_LAST_PURGED, rmp_serde::to_vec(&log_id(1, 3))?)?;
+            disk.flush().await?;
+        }
+        let (db, mut store) = open(&dir)?;
+        assert_eq!(
+            indexes(&store.try_get_log_entries(..).await?),
+            [4, 5, 6, 7, 8, 9, 10]
+        );
+        assert_eq!(store.try_get_log_entries(5..6).await?, [entry(1, 5)]);
+        assert!(
+            !db.tree_names()
+                .iter()
+                .any(|n| n.as_ref() == OLD_LOG_TREE.as_bytes())
+        );
+        drop((db, store));
+
+        // Once moved, it stays moved.
+        let (_db, mut store) = open(&dir)?;
+        assert_eq!(state(&mut store).await?, (Some(3), Some(10)));
         Ok(())
     }
 }

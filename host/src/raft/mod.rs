@@ -2,8 +2,12 @@
 //! and its response, and the storage and network that openraft drives.
 //!
 //! # Layout
-//! - [`disk`]: `Disk`, the node's sled database and its one flush.
-//! - [`log_store`]: `LogStore`, the Raft log, vote and committed id on sled.
+//! - [`disk`]: `Disk`, the node's sled database (the state and the small
+//!   Raft records) and its flush.
+//! - [`log_file`]: `LogFile`, the log's entries in segment files, one
+//!   write and one sync per append.
+//! - [`log_store`]: `LogStore`, openraft's log storage: the entries in the
+//!   log file, the vote, committed id and purge point in sled.
 //! - [`state_machine`]: `StateMachineStore`, applies entries through the
 //!   guest — one file each for the key layout, the apply loop, the guest
 //!   lifecycle (stage, activate, migrate, history), the reader (queries,
@@ -18,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod batcher;
 pub mod disk;
+pub mod log_file;
 pub mod log_store;
 pub mod peer;
 pub mod read_barrier;
