@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use super::{Op, OpResult, Raft, Request, typ};
+use super::{Op, OpResult, Raft, Request, TypeConfig, typ};
 use crate::tasks::Tasks;
 
 /// The most operations in one entry.
@@ -41,6 +41,11 @@ pub enum WriteError {
     #[error("the node cannot accept writes: {0}")]
     Unavailable(String),
 }
+
+/// What openraft answers a proposed entry with.
+type Answer = oneshot::Receiver<
+    Result<openraft::raft::ClientWriteResponse<TypeConfig>, typ::ClientWriteError>,
+>;
 
 struct Pending {
     op: Op,
@@ -124,10 +129,23 @@ async fn run(
         }
         observer.batch_proposed(batch.len());
         let flushed_before = *appends_flushed.borrow_and_update();
+        let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+        let request = Request {
+            time_ms: now_ms(),
+            ops,
+        };
+        // Handed to Raft from here, not from the task below: one task
+        // wake-up less on every write's path.
+        let answer = match raft.client_write_ff(request).await {
+            Ok(answer) => answer,
+            Err(fatal) => {
+                reply_all(replies, Err(WriteError::Unavailable(fatal.to_string())));
+                continue;
+            }
+        };
         let (done, finished) = oneshot::channel::<()>();
-        let raft = raft.clone();
         tasks.spawn(async move {
-            propose(&raft, batch, timeout).await;
+            deliver(answer, replies, timeout).await;
             drop(permit);
             drop(done);
         });
@@ -142,16 +160,18 @@ async fn run(
     }
 }
 
-async fn propose(raft: &Raft, batch: Vec<Pending>, timeout: Duration) {
-    let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-    let request = Request {
-        time_ms: now_ms(),
-        ops,
-    };
-    let outcome = match tokio::time::timeout(timeout, raft.client_write(request)).await {
+/// Waits for the outcome of a proposed entry and gives each caller its
+/// operation's result.
+async fn deliver(
+    answer: Answer,
+    replies: Vec<oneshot::Sender<Result<OpResult, WriteError>>>,
+    timeout: Duration,
+) {
+    let outcome = match tokio::time::timeout(timeout, answer).await {
         Err(_) => Err(WriteError::Unknown(timeout)),
-        Ok(Ok(response)) => Ok(response.data.results),
-        Ok(Err(error)) => Err(classify(error)),
+        Ok(Err(_)) => Err(WriteError::Unavailable("Raft stopped".into())),
+        Ok(Ok(Ok(response))) => Ok(response.data.results),
+        Ok(Ok(Err(error))) => Err(classify(openraft::error::RaftError::APIError(error))),
     };
     match outcome {
         Ok(results) => {
@@ -159,11 +179,16 @@ async fn propose(raft: &Raft, batch: Vec<Pending>, timeout: Duration) {
                 let _ = reply.send(Ok(result));
             }
         }
-        Err(error) => {
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
+        Err(error) => reply_all(replies, Err(error)),
+    }
+}
+
+fn reply_all(
+    replies: Vec<oneshot::Sender<Result<OpResult, WriteError>>>,
+    outcome: Result<OpResult, WriteError>,
+) {
+    for reply in replies {
+        let _ = reply.send(outcome.clone());
     }
 }
 
