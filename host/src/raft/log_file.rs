@@ -45,8 +45,9 @@ use crate::metrics::LatencyHistogram;
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 const HEADER: usize = 16;
 const SUFFIX: &str = ".seg";
-/// The name a segment is prepared under before it is given its real name.
-const PREPARING: &str = "segment.tmp";
+/// The ending of the names segments are prepared under, before they are
+/// given their real names; opening removes such files.
+const PREPARING: &str = ".tmp";
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// How an append is made durable.
@@ -115,6 +116,9 @@ struct Inner {
     first: u64,
     /// Where the next record goes in the last segment.
     end: u64,
+    /// The next segment, zero-filled and synced by a thread of its own, so
+    /// that starting a segment does not stall appends.
+    spare: Option<std::thread::JoinHandle<io::Result<(File, PathBuf)>>>,
 }
 
 /// The Raft log's entries on disk. Cloning shares it.
@@ -138,10 +142,12 @@ impl LogFile {
     /// not decode, or the segments overlap.
     pub fn open(dir: &Path, purged: Option<u64>, sync: LogSync) -> Result<Self, LogFileError> {
         std::fs::create_dir_all(dir)?;
-        remove_file(&dir.join(PREPARING))?;
         let mut names = Vec::new();
         for item in std::fs::read_dir(dir)? {
             let name = item?.file_name();
+            if name.to_str().is_some_and(|n| n.ends_with(PREPARING)) {
+                remove_file(&dir.join(&name))?;
+            }
             if let Some(first) = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(SUFFIX))
@@ -158,6 +164,7 @@ impl LogFile {
             slots: BTreeMap::new(),
             first: purged.map_or(0, |p| p + 1),
             end: 0,
+            spare: None,
         };
         for first in names {
             if let Some(last) = inner.last_index()
@@ -310,21 +317,24 @@ impl LogFile {
     }
 
     /// Makes the segment that starts at `first`, big enough for a record of
-    /// `len` bytes, and makes it the last one.
+    /// `len` bytes, and makes it the last one. A segment of the usual size
+    /// is the spare one prepared in the background, if there is one; the
+    /// next spare is started here.
     fn new_segment(&self, first: u64, len: u64) -> Result<Arc<Segment>, LogFileError> {
         let dir = self.read().dir.clone();
         let size = SEGMENT_BYTES.max(len.next_multiple_of(ZEROS.len() as u64));
-        let preparing = dir.join(PREPARING);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&preparing)?;
-        zero(&file, 0, size)?;
-        file.sync_all()?;
+        let spare = if size == SEGMENT_BYTES {
+            self.write().spare.take()
+        } else {
+            None
+        };
+        let (file, prepared) = match spare.map(std::thread::JoinHandle::join) {
+            Some(Ok(Ok(spare))) => spare,
+            // No spare, or its thread failed: make it here.
+            _ => zeroed_file(&dir, size)?,
+        };
         let path = segment_path(&dir, first);
-        std::fs::rename(&preparing, &path)?;
+        std::fs::rename(&prepared, &path)?;
         File::open(&dir)?.sync_all()?;
         let segment = Arc::new(Segment {
             first,
@@ -335,6 +345,12 @@ impl LogFile {
         let mut inner = self.write();
         inner.segments.push(segment.clone());
         inner.end = 0;
+        if inner.spare.is_none() {
+            inner.spare = std::thread::Builder::new()
+                .name("log-segment".into())
+                .spawn(move || zeroed_file(&dir, SEGMENT_BYTES))
+                .ok();
+        }
         Ok(segment)
     }
 
@@ -560,6 +576,22 @@ fn remove_file(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates a file of `size` zero bytes in `dir`, synced, under a name of its
+/// own that ends in [`PREPARING`]; returns it and its path.
+fn zeroed_file(dir: &Path, size: u64) -> io::Result<(File, PathBuf)> {
+    static PREPARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PREPARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("segment-{}-{n}{PREPARING}", std::process::id()));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    zero(&file, 0, size)?;
+    file.sync_all()?;
+    Ok((file, path))
+}
+
 /// Writes zeros over `[from, to)` of `file`.
 fn zero(file: &File, from: u64, to: u64) -> io::Result<()> {
     let mut at = from;
@@ -627,6 +659,7 @@ mod tests {
                     .to_string_lossy()
                     .into_owned()
             })
+            .filter(|name| name.ends_with(SUFFIX))
             .collect();
         names.sort();
         names
