@@ -44,6 +44,8 @@ use crate::metrics::LatencyHistogram;
 /// its own size.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 const HEADER: usize = 16;
+/// Record bytes whose entries are kept in memory (see [`Slot::entry`]).
+const CACHED_BYTES: u64 = 16 << 20;
 const SUFFIX: &str = ".seg";
 /// The ending of the names segments are prepared under, before they are
 /// given their real names; opening removes such files.
@@ -91,12 +93,16 @@ struct Segment {
     size: u64,
 }
 
-/// Where one entry's record lies.
+/// Where one entry's record lies, and the entry itself while it is recent.
 #[derive(Debug, Clone)]
 struct Slot {
     segment: Arc<Segment>,
     offset: u64,
     len: u32,
+    /// The entry as appended, kept for the last [`CACHED_BYTES`] of records:
+    /// replication and apply read what was just appended, and a copy is
+    /// cheaper than a read and a decode.
+    entry: Option<Arc<typ::Entry>>,
 }
 
 impl Slot {
@@ -116,6 +122,10 @@ struct Inner {
     first: u64,
     /// Where the next record goes in the last segment.
     end: u64,
+    /// Record bytes of the slots that keep their entry.
+    cached: u64,
+    /// No slot below this index keeps its entry.
+    cached_from: u64,
     /// The next segment, zero-filled and synced by a thread of its own, so
     /// that starting a segment does not stall appends.
     spare: Option<std::thread::JoinHandle<io::Result<(File, PathBuf)>>>,
@@ -164,6 +174,8 @@ impl LogFile {
             slots: BTreeMap::new(),
             first: purged.map_or(0, |p| p + 1),
             end: 0,
+            cached: 0,
+            cached_from: 0,
             spare: None,
         };
         for first in names {
@@ -244,7 +256,7 @@ impl LogFile {
             )
         };
         let mut buf = Vec::new();
-        let mut pending: Vec<(u64, u32)> = Vec::new();
+        let mut pending: Vec<(typ::Entry, u32)> = Vec::new();
         for entry in entries {
             let index = entry.log_id.index;
             if previous.is_some_and(|p| index <= p) {
@@ -264,18 +276,17 @@ impl LogFile {
                 // new one with this record.
                 let record = buf.split_off(start);
                 if let Some(s) = &segment {
-                    self.write_records(s, end, &buf, &pending)?;
+                    self.write_records(s, end, &buf, std::mem::take(&mut pending))?;
                 }
                 segment = Some(self.new_segment(index, len)?);
                 end = 0;
                 buf = record;
-                pending.clear();
             }
-            pending.push((index, len as u32));
+            pending.push((entry, len as u32));
             previous = Some(index);
         }
         if let Some(s) = &segment {
-            self.write_records(s, end, &buf, &pending)?;
+            self.write_records(s, end, &buf, pending)?;
         }
         Ok(())
     }
@@ -287,7 +298,7 @@ impl LogFile {
         segment: &Arc<Segment>,
         offset: u64,
         buf: &[u8],
-        pending: &[(u64, u32)],
+        pending: Vec<(typ::Entry, u32)>,
     ) -> Result<(), LogFileError> {
         if pending.is_empty() {
             return Ok(());
@@ -301,18 +312,21 @@ impl LogFile {
         self.syncs.observe(started.elapsed());
         let mut inner = self.write();
         let mut at = offset;
-        for &(index, len) in pending {
+        for (entry, len) in pending {
             inner.slots.insert(
-                index,
+                entry.log_id.index,
                 Slot {
                     segment: segment.clone(),
                     offset: at,
                     len,
+                    entry: Some(Arc::new(entry)),
                 },
             );
             at += len as u64;
+            inner.cached += len as u64;
         }
         inner.end = at;
+        inner.evict();
         Ok(())
     }
 
@@ -374,8 +388,16 @@ impl LogFile {
                 .collect()
         };
         let mut entries = Vec::with_capacity(slots.len());
-        // The records of one segment lie back to back: one `pread` each run.
-        for run in slots.chunk_by(|a, b| Arc::ptr_eq(&a.segment, &b.segment)) {
+        // The records of one segment lie back to back: one `pread` for each
+        // run of them that is not cached.
+        let same_run = |a: &Slot, b: &Slot| {
+            a.entry.is_some() == b.entry.is_some() && Arc::ptr_eq(&a.segment, &b.segment)
+        };
+        for run in slots.chunk_by(same_run) {
+            if run[0].entry.is_some() {
+                entries.extend(run.iter().filter_map(|slot| slot.entry.as_deref().cloned()));
+                continue;
+            }
             let (from, to) = (run[0].offset, run[run.len() - 1].end());
             let segment = &run[0].segment;
             let mut buf = vec![0; (to - from) as usize];
@@ -428,7 +450,8 @@ impl LogFile {
         zero(&cut.segment.file, cut.offset, zero_to)?;
         cut.segment.file.sync_data()?;
         inner.end = cut.offset;
-        inner.slots.split_off(&first);
+        let removed = inner.slots.split_off(&first);
+        inner.forget(removed.values());
         Ok(())
     }
 
@@ -443,7 +466,9 @@ impl LogFile {
         if last < inner.first {
             return Ok(());
         }
-        inner.slots = inner.slots.split_off(&(last + 1));
+        let kept = inner.slots.split_off(&(last + 1));
+        let purged = std::mem::replace(&mut inner.slots, kept);
+        inner.forget(purged.values());
         inner.first = last + 1;
         // A segment can go when every record it holds is purged: a later
         // segment starts at or below the next index, or nothing is held.
@@ -479,6 +504,29 @@ impl LogFile {
 }
 
 impl Inner {
+    /// Drops the oldest cached entries until at most [`CACHED_BYTES`] of
+    /// records keep theirs.
+    fn evict(&mut self) {
+        let mut over = self.cached.saturating_sub(CACHED_BYTES);
+        for (&index, slot) in self.slots.range_mut(self.cached_from..) {
+            if over == 0 {
+                break;
+            }
+            if slot.entry.take().is_some() {
+                self.cached -= slot.len as u64;
+                over = over.saturating_sub(slot.len as u64);
+            }
+            self.cached_from = index + 1;
+        }
+    }
+
+    /// Accounts for removed slots that kept their entry.
+    fn forget<'a>(&mut self, removed: impl Iterator<Item = &'a Slot>) {
+        for slot in removed.filter(|slot| slot.entry.is_some()) {
+            self.cached -= slot.len as u64;
+        }
+    }
+
     fn last_index(&self) -> Option<u64> {
         self.slots.last_key_value().map(|(&index, _)| index)
     }
@@ -507,6 +555,7 @@ impl Inner {
                         segment: segment.clone(),
                         offset: at as u64,
                         len: len as u32,
+                        entry: None,
                     },
                 );
                 kept += 1;
@@ -858,6 +907,36 @@ mod tests {
             LogFile::open(dir.path(), None, LogSync::Range),
             Err(LogFileError::Damaged(_))
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn cached_entries_stay_bounded_and_match_the_files() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = open(&dir, None);
+        let cached = |log: &LogFile| {
+            let inner = log.read();
+            let held: u64 = inner
+                .slots
+                .values()
+                .filter(|slot| slot.entry.is_some())
+                .map(|slot| slot.len as u64)
+                .sum();
+            assert_eq!(inner.cached, held, "the cached bytes are counted");
+            held
+        };
+        for i in 0..40 {
+            log.append([entry(1, i, 1 << 20)])?;
+        }
+        assert!(cached(&log) <= CACHED_BYTES);
+        assert!(cached(&log) > CACHED_BYTES / 2);
+        let from_memory = log.read_range(..)?;
+        log.truncate(35)?;
+        log.purge(3)?;
+        cached(&log);
+        drop(log);
+        let from_files = open(&dir, Some(3)).read_range(..)?;
+        assert_eq!(from_memory[4..35], from_files[..]);
         Ok(())
     }
 
