@@ -51,6 +51,8 @@ const SUFFIX: &str = ".seg";
 /// given their real names; opening removes such files.
 const PREPARING: &str = ".tmp";
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+/// The bytes of a new segment written and synced at a time.
+const PREPARE_PIECE: u64 = 1 << 20;
 
 /// How an append is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -636,7 +638,15 @@ fn zeroed_file(dir: &Path, size: u64) -> io::Result<(File, PathBuf)> {
         .write(true)
         .create_new(true)
         .open(&path)?;
-    zero(&file, 0, size)?;
+    // Written out a piece at a time, so that the log's own syncs never
+    // queue behind the whole segment's writeback.
+    let mut at = 0;
+    while at < size {
+        let to = (at + PREPARE_PIECE).min(size);
+        zero(&file, at, to)?;
+        sync_range(&file, at, to - at)?;
+        at = to;
+    }
     file.sync_all()?;
     Ok((file, path))
 }
