@@ -90,6 +90,11 @@ async fn serve_connection(
     closing: CancellationToken,
     slot: OwnedSemaphorePermit,
 ) {
+    // A response goes out as soon as it is written, not after the client's
+    // delayed acknowledgement of the previous one (Nagle).
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "http: cannot set TCP_NODELAY");
+    }
     // Reads are bounded by the header timeout and the body timeout below; a
     // read timeout on the socket would also cut off slow handlers, because
     // hyper keeps a read pending to notice a client going away.
