@@ -14,7 +14,8 @@
 //!   connection cap ([`stall_timeout`] bounds a silent socket).
 //! - [`tasks`]: every background task on one tracker, cancelled and awaited
 //!   on shutdown.
-//! - [`raft`]: openraft types, sled storage, the write batcher, the read
+//! - [`raft`]: openraft types, storage (the log's entries in segment files,
+//!   the state and small Raft records in sled), the write batcher, the read
 //!   barrier, the peer transport (`raft::peer`: wire format, client pool,
 //!   server, streams), the state machine (`raft::state_machine`: key
 //!   layout, apply loop, guest lifecycle, reader, snapshots).
@@ -35,7 +36,7 @@
 //!   window, fan-out to watchers, the SSE format).
 //!
 //! The write path:
-//! `/set -> batcher -> Raft::client_write -> leader flush -> replicate -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
+//! `/set -> batcher -> Raft::client_write -> leader log sync -> replicate -> follower log sync -> commit -> StateMachineStore::apply -> guest apply -> redo record + sled writes`.
 
 pub mod api;
 pub mod backup;
