@@ -180,6 +180,7 @@ impl LogFile {
             cached_from: 0,
             spare: None,
         };
+        let mut tail_dirty = false;
         for first in names {
             if let Some(last) = inner.last_index()
                 && first <= last
@@ -197,7 +198,7 @@ impl LogFile {
                 file,
                 size,
             });
-            let (end, kept) = inner.recover(&segment)?;
+            let (end, kept, torn) = inner.recover(&segment)?;
             // Every record it holds is purged (or, empty, it begins below
             // the purge point): a purge that a crash cut short.
             if kept == 0 && (end > 0 || first < inner.first) {
@@ -206,8 +207,12 @@ impl LogFile {
             }
             inner.segments.push(segment);
             inner.end = end;
+            tail_dirty = torn;
         }
-        if let Some(last) = inner.segments.last().cloned() {
+        // Bytes after the last whole record that are not zero: a write a
+        // crash cut short. Zeroed, so nothing appended later can be read
+        // back together with them.
+        if tail_dirty && let Some(last) = inner.segments.last().cloned() {
             zero(&last.file, inner.end, last.size)?;
             last.file.sync_data()?;
         }
@@ -534,9 +539,9 @@ impl Inner {
     }
 
     /// Reads the records of `segment` and adds those after the purge point;
-    /// returns the offset after the last whole record and how many records
-    /// it added.
-    fn recover(&mut self, segment: &Arc<Segment>) -> Result<(u64, usize), LogFileError> {
+    /// returns the offset after the last whole record, how many records it
+    /// added, and whether any byte after that offset is not zero.
+    fn recover(&mut self, segment: &Arc<Segment>) -> Result<(u64, usize, bool), LogFileError> {
         let mut data = vec![0; segment.size as usize];
         segment.file.read_exact_at(&mut data, 0)?;
         let mut at = 0usize;
@@ -565,7 +570,8 @@ impl Inner {
             at += len;
             previous = Some(index + 1);
         }
-        Ok((at as u64, kept))
+        let torn = data[at..].iter().any(|&b| b != 0);
+        Ok((at as u64, kept, torn))
     }
 }
 
