@@ -477,14 +477,14 @@ impl LogFile {
         let purged = std::mem::replace(&mut inner.slots, kept);
         inner.forget(purged.values());
         inner.first = last + 1;
-        // A segment can go when every record it holds is purged: a later
-        // segment starts at or below the next index, or nothing is held.
+        // The segments before the one with the first record kept hold only
+        // purged records (all of them go when nothing is kept).
         let keep_from = match inner.slots.first_key_value() {
             None => inner.segments.len(),
-            Some(_) => inner
+            Some((_, slot)) => inner
                 .segments
                 .iter()
-                .rposition(|s| s.first <= last + 1)
+                .position(|s| Arc::ptr_eq(s, &slot.segment))
                 .unwrap_or(0),
         };
         let removed: Vec<_> = inner.segments.drain(..keep_from).collect();
