@@ -254,8 +254,6 @@ fn random_id() -> NodeId {
     hasher.finish() % 1_000_000_000 + 1
 }
 
-/// Logs role changes the way the walkthrough shows them, and counts leader
-/// changes.
 /// How often the state is flushed in the background. Applying never syncs:
 /// the log holds every entry applied since the last flush, so this bounds
 /// only how much a restart applies again.
@@ -277,6 +275,8 @@ async fn flush_state(disk: Disk) {
     }
 }
 
+/// Logs role changes the way the walkthrough shows them, and counts leader
+/// changes.
 async fn watch_role(app: Arc<Node>) {
     let mut metrics = app.raft.metrics();
     let mut last = (ServerState::Learner, None);
