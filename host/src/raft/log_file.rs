@@ -583,10 +583,7 @@ fn whole_record(data: &[u8], least: u64) -> Option<(u64, usize)> {
     let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
     let index = u64::from_le_bytes(header[8..16].try_into().ok()?);
     let payload = data.get(HEADER..HEADER + len)?;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&header[8..16]);
-    hasher.update(payload);
-    (len > 0 && index >= least && hasher.finalize() == crc).then_some((index, HEADER + len))
+    (len > 0 && index >= least && checksum(index, payload) == crc).then_some((index, HEADER + len))
 }
 
 fn range_is_empty(range: &impl RangeBounds<u64>) -> bool {
@@ -607,15 +604,28 @@ fn encode(buf: &mut Vec<u8>, entry: &typ::Entry) -> Result<(), LogFileError> {
     buf.extend_from_slice(&[0; HEADER]);
     rmp_serde::encode::write(buf, entry)
         .map_err(|source| LogFileError::Encode { index, source })?;
-    let len = u32::try_from(buf.len() - start - HEADER)
+    let header = header(index, &buf[start + HEADER..])?;
+    buf[start..start + HEADER].copy_from_slice(&header);
+    Ok(())
+}
+
+/// The header of the record of entry `index` whose payload is `payload`.
+fn header(index: u64, payload: &[u8]) -> Result<[u8; HEADER], LogFileError> {
+    let len = u32::try_from(payload.len())
         .map_err(|_| LogFileError::Damaged(format!("entry {index} is larger than 4 GiB")))?;
+    let mut header = [0; HEADER];
+    header[0..4].copy_from_slice(&len.to_le_bytes());
+    header[4..8].copy_from_slice(&checksum(index, payload).to_le_bytes());
+    header[8..16].copy_from_slice(&index.to_le_bytes());
+    Ok(header)
+}
+
+/// The CRC-32 of a record: over its index and its payload.
+fn checksum(index: u64, payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&index.to_le_bytes());
-    hasher.update(&buf[start + HEADER..]);
-    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&hasher.finalize().to_le_bytes());
-    buf[start + 8..start + 16].copy_from_slice(&index.to_le_bytes());
-    Ok(())
+    hasher.update(payload);
+    hasher.finalize()
 }
 
 fn decode(payload: &[u8]) -> Result<typ::Entry, rmp_serde::decode::Error> {
@@ -909,15 +919,8 @@ mod tests {
         log.append((0..3).map(|i| entry(1, i, 10)))?;
         let (path, offset) = locate(&log, 2);
         drop(log);
-        let mut record = Vec::new();
         let payload = [0xc1u8, 0x00];
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&2u64.to_le_bytes());
-        hasher.update(&payload);
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&hasher.finalize().to_le_bytes());
-        record.extend_from_slice(&2u64.to_le_bytes());
-        record.extend_from_slice(&payload);
+        let record = [&header(2, &payload)?[..], &payload].concat();
         overwrite(&path, offset, &record);
         assert!(matches!(
             LogFile::open(dir.path(), None, LogSync::Range),
