@@ -133,6 +133,10 @@ pub struct NodeConfig {
     /// power loss on a disk with a volatile cache; slower).
     #[arg(long, value_enum, default_value_t = LogSync::Range)]
     pub log_sync: LogSync,
+    /// Send a new entry to the followers only after the leader has synced
+    /// it (openraft's own order), not while it syncs: for comparisons.
+    #[arg(long)]
+    pub no_early_replication: bool,
     /// Worker threads of the node's async runtime (default: one per CPU).
     /// Several nodes sharing a few cores run faster with 1 or 2 each.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]

@@ -168,6 +168,7 @@ pub struct Metrics {
     write_errors: IntCounter,
     reads: IntCounter,
     leader_changes: IntCounter,
+    early_appends: IntCounter,
     batch_ops: Histogram,
     guest_active_since_index: IntGauge,
     is_leader: IntGauge,
@@ -205,6 +206,10 @@ impl Metrics {
                 "raftwasm_leader_changes_total",
                 "Leader changes seen by this node.",
             ),
+            early_appends: counter(
+                "raftwasm_early_appends_total",
+                "Append requests written to a follower while this leader synced the same entries (one per follower).",
+            ),
             batch_ops: histogram(
                 "raftwasm_batch_ops",
                 "Operations per proposed log entry.",
@@ -230,6 +235,7 @@ impl Metrics {
             Box::new(metrics.write_errors.clone()),
             Box::new(metrics.reads.clone()),
             Box::new(metrics.leader_changes.clone()),
+            Box::new(metrics.early_appends.clone()),
             Box::new(metrics.batch_ops.clone()),
             Box::new(apply.entries.clone()),
             Box::new(apply.ops.clone()),
@@ -252,6 +258,12 @@ impl Metrics {
             }
         }
         metrics
+    }
+
+    /// The count of early append requests, for the log store to increment
+    /// (see [`crate::raft::early`]).
+    pub fn early_appends(&self) -> IntCounter {
+        self.early_appends.clone()
     }
 
     /// Counts a change of leader.
@@ -366,6 +378,7 @@ mod tests {
         syncs.observe(Duration::from_micros(80));
         metrics.batch_proposed(3);
         metrics.write_succeeded();
+        metrics.early_appends().inc_by(2);
         let name = "a\"b \\ c\nd";
         let text = metrics.render(&Scrape {
             is_leader: true,
@@ -385,6 +398,7 @@ mod tests {
             "raftwasm_write_errors_total 0",
             "raftwasm_reads_total 0",
             "raftwasm_leader_changes_total 0",
+            "raftwasm_early_appends_total 2",
             "raftwasm_applied_entries_total 2",
             "raftwasm_applied_ops_total 5",
             "raftwasm_apply_nanoseconds_total 300000",

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::proto::JoinRequest;
 use crate::raft::batcher::Batcher;
 use crate::raft::disk::Disk;
+use crate::raft::early::EarlyReplication;
 use crate::raft::log_store::LogStore;
 use crate::raft::peer::{self, NetworkFactory};
 use crate::raft::read_barrier::ReadBarrier;
@@ -125,6 +126,7 @@ pub async fn run(
     if let Some(tls) = &tls {
         network = network.with_tls(tls.peer_client.clone());
     }
+    let early_network = network.clone();
     let raft = Raft::new(
         id,
         Arc::new(raft_config),
@@ -151,6 +153,15 @@ pub async fn run(
         disk.flushes(),
         log_store.file().syncs(),
     ));
+    if !config.no_early_replication {
+        log_store.replicate_early(EarlyReplication::new(
+            id,
+            raft.clone(),
+            early_network,
+            tasks.clone(),
+            metrics.early_appends(),
+        ));
+    }
     let app = Arc::new(Node {
         id,
         addrs: addrs.clone(),

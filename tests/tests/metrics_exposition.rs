@@ -10,11 +10,12 @@ use raftwasm_tests::cluster::TestResult;
 use raftwasm_tests::{ODD_NAME, ODD_NAME_GUEST, odd_name_guest_with_newline};
 
 /// Every metric name the node serves (histograms by their base name).
-const METRICS: [&str; 18] = [
+const METRICS: [&str; 19] = [
     "raftwasm_writes_total",
     "raftwasm_write_errors_total",
     "raftwasm_reads_total",
     "raftwasm_leader_changes_total",
+    "raftwasm_early_appends_total",
     "raftwasm_batch_ops",
     "raftwasm_applied_entries_total",
     "raftwasm_applied_ops_total",

@@ -13,7 +13,7 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::disk::{Disk, read_meta};
+use super::early::{EarlyReplication, early_request};
 use super::log_file::{LogFile, LogFileError, LogSync};
 use super::{NodeId, TypeConfig, typ};
 
@@ -63,6 +64,18 @@ pub struct LogStore {
     /// Counts appends whose sync has completed, so the batcher can propose
     /// the next entry as soon as the previous one is durable here.
     appends_flushed: Arc<watch::Sender<u64>>,
+    /// The vote and committed id last saved, kept to build early requests.
+    known: Arc<Mutex<Known>>,
+    /// Sends the leader's new entries to the followers while they are
+    /// synced here; set once Raft runs.
+    early: Arc<OnceLock<EarlyReplication>>,
+}
+
+/// What the log store was last told, in memory.
+#[derive(Debug, Default)]
+struct Known {
+    vote: Option<typ::Vote>,
+    committed: Option<typ::LogId>,
 }
 
 /// A read-only view of the log for openraft's replication tasks; cloning it
@@ -108,12 +121,28 @@ impl LogStore {
         let purged = purged.map(|id| id.index);
         move_old_log(disk, dir, purged, sync).map_err(|e| StorageIOError::read_logs(&e))?;
         let file = LogFile::open(dir, purged, sync).map_err(|e| StorageIOError::read_logs(&e))?;
+        let known = Known {
+            vote: read_meta(&meta, KEY_VOTE, StorageIOError::read_vote)?,
+            committed: read_meta(&meta, KEY_COMMITTED, StorageIOError::read)?,
+        };
         Ok(Self {
             disk: disk.clone(),
             file,
             meta,
             appends_flushed: Arc::new(watch::Sender::new(0)),
+            known: Arc::new(Mutex::new(known)),
+            early: Arc::default(),
         })
+    }
+
+    /// From now on, the leader's own entries also go to the followers while
+    /// they are synced here (see [`super::early`]).
+    pub fn replicate_early(&self, early: EarlyReplication) {
+        let _ = self.early.set(early);
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The node id persisted by [`LogStore::save_node_id`], or `None` on a
@@ -201,7 +230,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &typ::Vote) -> Result<(), typ::StorageError> {
         write_meta(&self.meta, KEY_VOTE, vote, StorageIOError::write_vote)?;
-        self.flush(StorageIOError::write_vote).await
+        self.flush(StorageIOError::write_vote).await?;
+        self.known().vote = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<typ::Vote>, typ::StorageError> {
@@ -215,6 +246,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<typ::LogId>,
     ) -> Result<(), typ::StorageError> {
+        self.known().committed = committed;
         match committed {
             Some(log_id) => write_meta(&self.meta, KEY_COMMITTED, &log_id, StorageIOError::write),
             None => self
@@ -238,6 +270,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = typ::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<typ::Entry> = entries.into_iter().collect();
+        if let Some(early) = self.early.get() {
+            let request = {
+                let known = self.known();
+                early_request(early.id(), known.vote.as_ref(), known.committed, &entries)
+            };
+            if let Some(request) = request {
+                early.send(request).await;
+            }
+        }
         // Written and synced on this thread: openraft's core waits for the
         // callback anyway, and a hand-off to another thread costs more than
         // the sync itself.

@@ -8,6 +8,8 @@
 //!   write and one sync per append.
 //! - [`log_store`]: `LogStore`, openraft's log storage: the entries in the
 //!   log file, the vote, committed id and purge point in sled.
+//! - [`early`]: the leader's new entries go to the followers while the
+//!   leader syncs them, not after.
 //! - [`state_machine`]: `StateMachineStore`, applies entries through the
 //!   guest — one file each for the key layout, the apply loop, the guest
 //!   lifecycle (stage, activate, migrate, history), the reader (queries,
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod batcher;
 pub mod disk;
+pub mod early;
 pub mod log_file;
 pub mod log_store;
 pub mod peer;

@@ -189,6 +189,61 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
+/// The frame of an append-entries request, encoded once for several peers.
+///
+/// # Errors
+/// When the request cannot be encoded.
+pub fn append_entries_frame(rpc: AppendEntriesRequest<TypeConfig>) -> Result<Bytes, FrameError> {
+    encode_body(&PeerRequest::AppendEntries(rpc))
+}
+
+fn put_idle(pool: &Pool, mut conn: Frames<PeerStream>) {
+    trim_buffers(&mut conn);
+    let mut idle = pool.lock().unwrap_or_else(PoisonError::into_inner);
+    if idle.len() < MAX_IDLE_PER_PEER {
+        idle.push(conn);
+    }
+}
+
+/// An append-entries request written by
+/// [`PeerClient::send_append_entries_now`], whose answer is still to read.
+pub struct SentAppend {
+    pool: Pool,
+    conn: Frames<PeerStream>,
+}
+
+impl fmt::Debug for SentAppend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentAppend").finish_non_exhaustive()
+    }
+}
+
+impl SentAppend {
+    /// Reads the answer within `timeout` and gives the connection back to
+    /// the pool (or closes it after an error).
+    ///
+    /// # Errors
+    /// A description of what failed: the frame, the peer, or the deadline.
+    pub async fn answer(
+        mut self,
+        timeout: Duration,
+    ) -> Result<AppendEntriesResponse<NodeId>, String> {
+        let response = tokio::time::timeout(
+            timeout,
+            read_frame::<_, PeerResponse>(&mut self.conn, MAX_FRAME_LEN),
+        )
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+        put_idle(&self.pool, self.conn);
+        match response {
+            PeerResponse::AppendEntries(Ok(answer)) => Ok(answer),
+            PeerResponse::AppendEntries(Err(e)) => Err(e.to_string()),
+            other => Err(format!("unexpected answer: {}", other.kind())),
+        }
+    }
+}
+
 /// openraft's handle for sending RPCs to one peer. Each RPC borrows an idle
 /// connection from the peer's pool (or dials one), sends one frame, reads
 /// one frame, and returns the connection; a connection that saw any error
@@ -253,6 +308,24 @@ impl PeerClient {
         Ok(response)
     }
 
+    /// Writes `frame` (an [`append_entries_frame`]) on an idle connection,
+    /// now, without waiting: `None` when no connection is idle or the socket
+    /// would make the write wait (a dial or a stalled peer must not hold the
+    /// caller). The returned [`SentAppend`] reads the answer.
+    pub fn send_append_entries_now(&self, frame: Bytes) -> Option<SentAppend> {
+        use futures::FutureExt as _;
+        let mut conn = self.take_idle()?;
+        // A write that does not finish at once is dropped with its
+        // connection, which may hold half a frame.
+        match conn.send(frame).now_or_never() {
+            Some(Ok(())) => Some(SentAppend {
+                pool: self.pool.clone(),
+                conn,
+            }),
+            _ => None,
+        }
+    }
+
     /// Takes an idle connection that the peer has not closed meanwhile.
     fn take_idle(&self) -> Option<Frames<PeerStream>> {
         let mut idle = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
@@ -263,12 +336,8 @@ impl PeerClient {
             .find(|conn| conn.read_buffer().is_empty() && conn.get_ref().is_quiet())
     }
 
-    fn put_idle(&self, mut conn: Frames<PeerStream>) {
-        trim_buffers(&mut conn);
-        let mut idle = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_PER_PEER {
-            idle.push(conn);
-        }
+    fn put_idle(&self, conn: Frames<PeerStream>) {
+        put_idle(&self.pool, conn);
     }
 
     /// Opens a connection and performs the [`Hello`] handshake.

@@ -12,7 +12,7 @@ use openraft::raft::{
 };
 use openraft::{CommittedLeaderId, LogId};
 
-use super::client::{NetworkFactory, PeerClient};
+use super::client::{NetworkFactory, PeerClient, append_entries_frame};
 use super::server::{PeerLimits, serve_with};
 use super::wire::{PeerRequest, PeerResponse, SnapshotChunkError};
 use crate::raft::snapshot_file::SnapshotFile;
@@ -114,6 +114,48 @@ async fn rpcs_reuse_one_pooled_connection() -> anyhow::Result<()> {
         AppendEntriesResponse::Success
     );
     assert_eq!(idle(&second), 1, "the second client reused the connection");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_append_sent_now_uses_an_idle_connection_or_none() -> anyhow::Result<()> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    let (addr, _stop) = fake_peer(None, move |request| {
+        let recorded = recorded.clone();
+        async move {
+            if let PeerRequest::AppendEntries(rpc) = &request {
+                recorded
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(rpc.prev_log_id);
+            }
+            agreeable(request).await
+        }
+    })
+    .await?;
+    let mut client = client(None, &addr).await;
+    let rpc = |prev| AppendEntriesRequest {
+        vote: openraft::Vote::new_committed(5, 1),
+        prev_log_id: prev,
+        entries: Vec::new(),
+        leader_commit: prev,
+    };
+    let frame = append_entries_frame(rpc(Some(log_id(5, 1))))?;
+    // Nothing is dialed here: with no idle connection, nothing is sent.
+    assert!(client.send_append_entries_now(frame.clone()).is_none());
+    client.append_entries(rpc(None), option()).await?;
+    assert_eq!(idle(&client), 1);
+
+    let sent = client
+        .send_append_entries_now(frame)
+        .expect("the idle connection takes the frame");
+    assert_eq!(idle(&client), 0, "the connection is busy until the answer");
+    let answer = sent.answer(Duration::from_secs(5)).await;
+    assert_eq!(answer, Ok(AppendEntriesResponse::Success));
+    assert_eq!(idle(&client), 1, "the answer gives the connection back");
+    let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    assert_eq!(seen, vec![None, Some(log_id(5, 1))]);
     Ok(())
 }
 
