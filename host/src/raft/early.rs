@@ -208,7 +208,7 @@ mod tests {
         // A vote not yet granted by a quorum: a candidate, not a leader.
         let candidate = Vote::new(3, 1);
         assert!(early_request(1, Some(&candidate), committed, &[entry(3, 1, 10)]).is_none());
-        // Entries of an earlier term (re-appended after a truncation).
+        // Entries under another leader id are not this leader's proposals.
         assert!(early_request(1, Some(&vote), committed, &[entry(2, 1, 10)]).is_none());
         // Entry 10 waits to commit: 11 is left to openraft.
         assert!(early_request(1, Some(&vote), committed, &[entry(3, 1, 11)]).is_none());
