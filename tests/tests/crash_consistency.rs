@@ -6,6 +6,10 @@
 //!
 //! Each writer owns one counter and `incr` answers the new value, so an
 //! increment applied twice shows up at once as a jump of two.
+//!
+//! A lone writer's entries also go to the followers early (while the
+//! leader syncs them); a second test checks that they do, with a follower
+//! killed too, and that the replicas end equal.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
