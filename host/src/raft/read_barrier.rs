@@ -73,9 +73,7 @@ impl ReadBarrier {
             Err(_) => Err(ReadError::Unavailable("the node is shutting down".into())),
         }
     }
-}
 
-impl ReadBarrier {
     /// How many reads wait for the next round.
     fn readers(&self) -> usize {
         self.next
