@@ -87,11 +87,9 @@ pub struct LogReader {
 
 impl LogStore {
     /// The committed index last saved by openraft, for status reports; `None`
-    /// when nothing is committed yet or it cannot be read.
+    /// when nothing is committed yet.
     pub fn committed_index(&self) -> Option<u64> {
-        let committed: Option<Option<typ::LogId>> =
-            read_meta(&self.meta, KEY_COMMITTED, StorageIOError::read).ok()?;
-        committed.flatten().map(|log_id| log_id.index)
+        self.known().committed.map(|log_id| log_id.index)
     }
 
     /// A receiver of the number of appends synced so far by this store.
