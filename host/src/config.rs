@@ -137,6 +137,15 @@ pub struct NodeConfig {
     /// it (openraft's own order), not while it syncs: for comparisons.
     #[arg(long)]
     pub no_early_replication: bool,
+    /// Log entries of client writes the leader keeps proposed and not yet
+    /// committed. 1: the next batch waits for the previous entry's commit
+    /// and grows meanwhile, while each entry is replicated during the
+    /// leader's own sync. More: the next batch is proposed once the previous
+    /// one is synced on the leader; more, smaller entries in flight, which
+    /// measured slower on a few shared cores but may hide long network
+    /// round trips.
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub pipeline_depth: usize,
     /// Worker threads of the node's async runtime (default: one per CPU).
     /// Several nodes sharing a few cores run faster with 1 or 2 each.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]

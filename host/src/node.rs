@@ -168,6 +168,7 @@ pub async fn run(
         batcher: Batcher::start(
             raft.clone(),
             log_store.appends_flushed(),
+            config.pipeline_depth,
             config.write_timeout(),
             metrics.clone(),
             &tasks,

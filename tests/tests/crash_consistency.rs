@@ -5,7 +5,9 @@
 //! twice, and every replica ends with the same state.
 //!
 //! Each writer owns one counter and `incr` answers the new value, so an
-//! increment applied twice shows up at once as a jump of two.
+//! increment applied twice shows up at once as a jump of two. The kills run
+//! twice: with the default write pipeline (the next batch waits for the
+//! previous commit) and with a deeper one (it does not).
 //!
 //! A lone writer's entries also go to the followers early (while the
 //! leader syncs them); a second test checks that they do, with a follower
@@ -193,7 +195,20 @@ async fn deploy_counter_guest(cluster: &TestCluster) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn killed_nodes_lose_no_acknowledged_write_and_apply_none_twice() -> TestResult {
-    let mut cluster = TestCluster::start(3, &[]).await?;
+    kill_rounds(&[]).await
+}
+
+/// The same with a deeper write pipeline: the leader proposes the next
+/// batch once the previous one is synced on it, before it commits.
+#[tokio::test]
+async fn a_deeper_pipeline_loses_no_acknowledged_write_and_applies_none_twice() -> TestResult {
+    kill_rounds(&["--pipeline-depth=8"]).await
+}
+
+/// Kills the leader or a follower in turn while the writers run, and
+/// checks every acknowledged increment and equal replicas at the end.
+async fn kill_rounds(args: &[&str]) -> TestResult {
+    let mut cluster = TestCluster::start(3, args).await?;
     deploy_counter_guest(&cluster).await?;
     let writer = Writer {
         client: reqwest::Client::builder()

@@ -1,13 +1,23 @@
 //! The write batcher: concurrent client writes become one log entry (one
 //! flush, one replication round), and each caller gets its own result.
 //!
-//! openraft 0.9 flushes the log once per `client_write` and replicates an
-//! entry only after the leader's flush, so batching is what turns many small
-//! writes into throughput. The batcher pipelines: it proposes the next batch
-//! as soon as the previous entry is durable in the leader's log, not when it
-//! commits, so the leader's flush of entry N+1 overlaps the replication of
-//! entry N, and each entry still costs exactly one flush. The next batch is
-//! whatever queued meanwhile: group commit.
+//! openraft 0.9 flushes the log once per `client_write`, so batching is what
+//! turns many small writes into throughput. How many entries may be
+//! proposed and not yet committed is the pipeline depth
+//! (`--pipeline-depth`):
+//! - 1 (the default): the next batch is proposed when the previous entry
+//!   has its outcome, and grows meanwhile. The leader's sync of an entry
+//!   still overlaps its replication: it goes to the followers while the
+//!   leader syncs it (see [`super::early`]).
+//! - More: the next batch is proposed as soon as the previous entry is
+//!   durable in the leader's log, so the leader's flush of entry N+1
+//!   overlaps the replication of entry N, and each entry still costs
+//!   exactly one flush. Entries are then more and smaller, and each costs a
+//!   sync that openraft's core waits for, a replication round and an apply;
+//!   where nodes share a few cores that measured slower at every load (see
+//!   the README).
+//!
+//! Either way the next batch is whatever queued meanwhile: group commit.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,9 +31,6 @@ use crate::tasks::Tasks;
 const MAX_OPS: usize = 1024;
 /// The most operation bytes in one entry.
 const MAX_BYTES: usize = 4 << 20;
-/// The most entries proposed and not yet committed. The pipeline rarely
-/// needs more than two or three; this bounds it when followers are slow.
-const IN_FLIGHT: usize = 8;
 
 /// Why a write has no result.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,11 +73,14 @@ pub trait BatchObserver: Send + Sync + 'static {
 
 impl Batcher {
     /// Starts the batcher task for `raft` on `tasks` (its proposals run
-    /// there too); `appends_flushed` counts the appends the local log store
-    /// has flushed (see [`super::log_store::LogStore::appends_flushed`]).
+    /// there too), with at most `depth` entries proposed and not yet
+    /// committed (at least 1); `appends_flushed` counts the appends the
+    /// local log store has flushed (see
+    /// [`super::log_store::LogStore::appends_flushed`]).
     pub fn start(
         raft: Raft,
         appends_flushed: watch::Receiver<u64>,
+        depth: usize,
         timeout: Duration,
         observer: Arc<dyn BatchObserver>,
         tasks: &Tasks,
@@ -80,6 +90,7 @@ impl Batcher {
             raft,
             rx,
             appends_flushed,
+            depth.max(1),
             timeout,
             observer,
             tasks.clone(),
@@ -106,11 +117,12 @@ async fn run(
     raft: Raft,
     mut rx: mpsc::Receiver<Pending>,
     mut appends_flushed: watch::Receiver<u64>,
+    depth: usize,
     timeout: Duration,
     observer: Arc<dyn BatchObserver>,
     tasks: Tasks,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(depth));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;

@@ -61,8 +61,9 @@ pub struct LogStore {
     disk: Disk,
     file: LogFile,
     meta: sled::Tree,
-    /// Counts appends whose sync has completed, so the batcher can propose
-    /// the next entry as soon as the previous one is durable here.
+    /// Counts appends whose sync has completed, so that a batcher with a
+    /// pipeline deeper than one entry can propose the next entry as soon as
+    /// the previous one is durable here.
     appends_flushed: Arc<watch::Sender<u64>>,
     /// The vote and committed id last saved, kept to build early requests.
     known: Arc<Mutex<Known>>,
