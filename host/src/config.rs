@@ -137,10 +137,10 @@ pub struct NodeConfig {
     /// it (openraft's own order), not while it syncs: for comparisons.
     #[arg(long)]
     pub no_early_replication: bool,
-    /// Log entries of client writes the leader keeps proposed and not yet
-    /// committed. 1: the next batch waits for the previous entry's commit
-    /// and grows meanwhile, while each entry is replicated during the
-    /// leader's own sync. More: the next batch is proposed once the previous
+    /// Log entries of client writes the leader keeps proposed and without an
+    /// outcome yet (committed and applied, or failed). 1: the next batch
+    /// waits for the previous entry's outcome and grows meanwhile, while
+    /// each entry is replicated during the leader's own sync. More: the next batch is proposed once the previous
     /// one is synced on the leader; more, smaller entries in flight, which
     /// measured slower on a few shared cores but may hide long network
     /// round trips.

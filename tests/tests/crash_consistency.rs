@@ -7,7 +7,7 @@
 //! Each writer owns one counter and `incr` answers the new value, so an
 //! increment applied twice shows up at once as a jump of two. The kills run
 //! twice: with the default write pipeline (the next batch waits for the
-//! previous commit) and with a deeper one (it does not).
+//! previous one's outcome) and with a deeper one (it does not).
 //!
 //! A lone writer's entries also go to the followers early (while the
 //! leader syncs them); a second test checks that they do, with a follower

@@ -3,8 +3,8 @@
 //!
 //! openraft 0.9 flushes the log once per `client_write`, so batching is what
 //! turns many small writes into throughput. How many entries may be
-//! proposed and not yet committed is the pipeline depth
-//! (`--pipeline-depth`):
+//! proposed and without an outcome (committed and applied, or failed) is
+//! the pipeline depth (`--pipeline-depth`):
 //! - 1 (the default): the next batch is proposed when the previous entry
 //!   has its outcome, and grows meanwhile. The leader's sync of an entry
 //!   still overlaps its replication: it goes to the followers while the
@@ -73,8 +73,8 @@ pub trait BatchObserver: Send + Sync + 'static {
 
 impl Batcher {
     /// Starts the batcher task for `raft` on `tasks` (its proposals run
-    /// there too), with at most `depth` entries proposed and not yet
-    /// committed (at least 1); `appends_flushed` counts the appends the
+    /// there too), with at most `depth` entries proposed and without an
+    /// outcome (at least 1); `appends_flushed` counts the appends the
     /// local log store has flushed (see
     /// [`super::log_store::LogStore::appends_flushed`]).
     pub fn start(
