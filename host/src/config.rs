@@ -140,10 +140,10 @@ pub struct NodeConfig {
     /// Log entries of client writes the leader keeps proposed and without an
     /// outcome yet (committed and applied, or failed). 1: the next batch
     /// waits for the previous entry's outcome and grows meanwhile, while
-    /// each entry is replicated during the leader's own sync. More: the next batch is proposed once the previous
-    /// one is synced on the leader; more, smaller entries in flight, which
-    /// measured slower on a few shared cores but may hide long network
-    /// round trips.
+    /// each entry is replicated during the leader's own sync. More: the next
+    /// batch is proposed once the previous one is synced on the leader;
+    /// more, smaller entries in flight, which measured slower on a few
+    /// shared cores but may hide long network round trips.
     #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub pipeline_depth: usize,
     /// Worker threads of the node's async runtime (default: one per CPU).

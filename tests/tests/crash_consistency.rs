@@ -10,7 +10,7 @@
 //! previous one's outcome) and with a deeper one (it does not).
 //!
 //! A lone writer's entries also go to the followers early (while the
-//! leader syncs them); a second test checks that they do, with a follower
+//! leader syncs them); another test checks that they do, with a follower
 //! killed too, and that the replicas end equal.
 
 use std::sync::Arc;
