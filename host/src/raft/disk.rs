@@ -71,9 +71,7 @@ impl Disk {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match Self::open(dir) {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
+                Err(e) if lock_taken(&e) && Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 result => return result,
@@ -147,6 +145,14 @@ impl Disk {
     }
 }
 
+/// Whether sled refused to open a database because another handle holds its
+/// lock. sled reports it as an `Other` I/O error whose message alone carries
+/// the OS's `WouldBlock`.
+#[cfg(test)]
+fn lock_taken(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
 impl Inner {
     /// `fsync`s every blob file newer than the last one synced, then the
     /// blob directory (so the new names survive too).
@@ -204,4 +210,27 @@ pub fn read_meta<T: DeserializeOwned>(
     rmp_serde::from_slice(&bytes)
         .map(Some)
         .map_err(|e| to_err(AnyError::new(&e)).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_is_refused_as_lock_taken_and_reopen_waits_for_the_first() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let first = Disk::open(dir.path())?;
+        let refused = Disk::open(dir.path()).expect_err("the lock is held");
+        assert!(lock_taken(&refused), "{refused}");
+
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(first);
+        });
+        let reopened = Disk::reopen(dir.path())?;
+        holder.join().expect("the holder thread");
+        reopened.db().insert(b"k", b"v")?;
+        Ok(())
+    }
 }
