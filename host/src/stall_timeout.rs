@@ -129,7 +129,9 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
+    // On tokio's paused clock, so that a loaded machine cannot stretch the
+    // writer's pauses past the timeout.
+    #[tokio::test(start_paused = true)]
     async fn a_silent_reader_times_out_and_a_moving_one_does_not() {
         let (client, mut server) = tokio::io::duplex(64);
         let mut client = StallTimeout::new(client, Some(Duration::from_millis(100)), None);
