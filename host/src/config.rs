@@ -109,8 +109,8 @@ pub struct NodeConfig {
     /// Smallest election timeout, milliseconds (the largest is twice this).
     /// A follower calls an election once it has not heard from the leader
     /// for the largest timeout (openraft's leader lease) plus its own random
-    /// timeout between the two: 450–600 ms with the defaults.
-    #[arg(long, default_value_t = 150)]
+    /// timeout between the two: 390–520 ms with the defaults.
+    #[arg(long, default_value_t = 130)]
     pub election_timeout_ms: u64,
     /// Take a snapshot after this many log entries since the last one.
     #[arg(long, default_value_t = 5000)]
