@@ -217,8 +217,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_second_open_is_refused_as_lock_taken_and_reopen_waits_for_the_first() -> anyhow::Result<()>
-    {
+    fn a_taken_lock_is_recognised_and_reopen_waits_for_it() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let first = Disk::open(dir.path())?;
         let refused = Disk::open(dir.path()).expect_err("the lock is held");
