@@ -32,8 +32,9 @@
 # etcd runs with its default settings (heartbeat 100 ms, election timeout
 # 1000 ms), raftwasm with its defaults (heartbeat 50 ms, election timeouts
 # 130-260 ms: a follower elects 390-520 ms after it last heard the leader)
-# plus RAFTWASM_ARGS (for example --threads 1). The two clusters never run at the same time: etcd is started,
-# measured and stopped, then raftwasm, so neither takes CPU from the other.
+# plus RAFTWASM_ARGS (for example --threads 1). The two clusters never run
+# at the same time: etcd is started, measured and stopped, then raftwasm, so
+# neither takes CPU from the other.
 # All traffic stays on 127.0.0.1; every wait has a deadline and every client
 # run is bounded in time. Every process started here is stopped on exit (also
 # on failure or Ctrl-C) and the temporary directory removed.
